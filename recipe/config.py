@@ -1,0 +1,114 @@
+"""Dataclass schema of the ``swe_agent`` config section (defaults in ``configs/swe_agent.yaml``).
+
+Every timeout is in seconds. Loading goes through OmegaConf structured configs,
+so an unknown key fails with its name and a wrongly typed value fails with the
+key and the expected type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class Policy(str, Enum):
+    """Who writes the assistant turns.
+
+    ``model``: the policy being trained/evaluated (verl's server manager, or a
+    backend handed to the loop). ``reference``: a scripted replay of the task's
+    reference patch through the agent's own tool calls -- a harness check, as
+    SWE-bench validates its harness with gold patches, never a model result.
+    ``empty``: submits at once without changing anything (a 0% floor check).
+    """
+
+    MODEL = "model"
+    REFERENCE = "reference"
+    EMPTY = "empty"
+
+
+@dataclass
+class AgentSettings:
+    """The coding agent run as a subprocess per rollout."""
+
+    # mini-swe-agent model class: "tool_call" (bash tool, function calling) or "text" (litellm_textbased).
+    mode: str = "tool_call"
+    # Maximum number of LLM calls before the agent stops with step_limit.
+    step_limit: int = 30
+    # Wall-clock limit for one bash command inside the sandbox, seconds.
+    command_timeout_s: int = 60
+    # Client-side limit for one LLM request (queueing + generation), seconds.
+    turn_timeout_s: float = 600.0
+    # Whole rollout limit (agent start to exit), seconds; the agent's process tree is killed after it.
+    rollout_timeout_s: float = 1800.0
+    # Attempts per LLM request in the agent (mini-swe-agent defaults to 10 with 4-60 s backoff).
+    llm_retry_attempts: int = 1
+
+
+@dataclass
+class SandboxSettings:
+    """Where and how each rollout's working copy is made."""
+
+    backend: str = "local"
+    # Parent directory for sandboxes; null = the system temp dir.
+    parent_dir: str | None = None
+
+
+@dataclass
+class ProxySettings:
+    """The OpenAI-compatible ModelProxy the agent talks to (always 127.0.0.1)."""
+
+    host: str = "127.0.0.1"
+    # 0 = let the OS choose a free port.
+    port: int = 0
+    model_name: str = "swe-policy"
+    # verl tool parser for the model's tool-call format (Qwen2.5/Hermes: "hermes").
+    tool_parser: str = "hermes"
+
+
+@dataclass
+class RewardSettings:
+    """Hidden-test grading of the extracted patch."""
+
+    # Limit for the whole hidden-test run of one rollout, seconds.
+    timeout_s: float = 300.0
+
+
+@dataclass
+class MaskingSettings:
+    """Which trajectories are kept out of the policy loss (response_mask all 0).
+
+    Infrastructure failures (sandbox, proxy, reward errors) are always masked.
+    """
+
+    # DeepSWE practice: trajectories cut by context, step or time limits are masked, not scored 0.
+    mask_limit_exits: bool = True
+
+
+@dataclass
+class SWEAgentConfig:
+    """Everything the SWE agent loop needs beyond verl's own rollout config."""
+
+    policy: Policy = Policy.MODEL
+    agent: AgentSettings = field(default_factory=AgentSettings)
+    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    reward: RewardSettings = field(default_factory=RewardSettings)
+    masking: MaskingSettings = field(default_factory=MaskingSettings)
+    # Per-rollout agent trajectory files go here; null = not kept.
+    trajectory_dir: str | None = None
+
+
+def load_swe_agent_config(*overrides: Any) -> SWEAgentConfig:
+    """Merge ``overrides`` (dicts, DictConfigs or None, later wins) onto the schema defaults.
+
+    Raises:
+        omegaconf.errors.ConfigKeyError: an unknown key (the message names it).
+        omegaconf.errors.ValidationError: a value of the wrong type.
+    """
+    schema = OmegaConf.structured(SWEAgentConfig)
+    parts = [o if isinstance(o, DictConfig) else OmegaConf.create(o) for o in overrides if o is not None]
+    merged = OmegaConf.merge(schema, *parts)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]

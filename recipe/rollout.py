@@ -1,0 +1,188 @@
+"""Rollout/evaluation runs of ``SWEAgentLoop`` without a trainer (CPU works).
+
+    python -m recipe.rollout data=data/simple/test.parquet policy=reference concurrency=4
+    python -m recipe.rollout data=data/simple/test.parquet policy=model model_path=outputs/tiny_model
+
+Arguments are OmegaConf dot-list overrides of ``RolloutRunConfig`` (defaults in
+``configs/rollout.yaml``); ``swe_agent.*`` keys override the agent-loop section
+(``configs/swe_agent.yaml``). An unknown key fails with its name.
+
+Writes to ``out_dir``: ``trajectories.jsonl`` (one ``TrajectoryRecord`` per
+rollout), ``predictions.jsonl`` (SWE-bench format), ``summary.json``, and prints
+the summary per data source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class RolloutRunConfig:
+    """A rollout run. Lengths are tokens; ``n`` is rollouts per task (a GRPO group)."""
+
+    # One parquet path, or several separated by commas.
+    data: str = "data/simple/test.parquet"
+    out_dir: str = "outputs/rollout"
+    # model = the HF model at model_path; reference / empty = scripted harness checks.
+    policy: str = "model"
+    # HF model directory for policy=model (e.g. the tiny model from `python -m prepare.tiny_model`).
+    model_path: str | None = None
+    # Name written into predictions.jsonl (defaults to the policy or model path).
+    model_name: str | None = None
+    concurrency: int = 4
+    limit: int | None = None
+    n: int = 1
+    seed: int = 0
+    device: str = "cpu"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    prompt_length: int = 8192
+    response_length: int = 4096
+    swe_agent: dict[str, Any] = field(default_factory=dict)
+
+
+def load_config(argv: list[str]) -> RolloutRunConfig:
+    """Schema defaults <- ``configs/rollout.yaml`` <- CLI dot-list overrides.
+
+    Raises:
+        omegaconf.errors.ConfigKeyError: unknown key (named in the message).
+    """
+    schema = OmegaConf.structured(RolloutRunConfig)
+    defaults = OmegaConf.load(CONFIG_DIR / "rollout.yaml")
+    return OmegaConf.to_object(OmegaConf.merge(schema, defaults, OmegaConf.from_dotlist(argv)))  # type: ignore[return-value]
+
+
+def read_rows(path: str, limit: int | None) -> list[dict[str, Any]]:
+    """Rows of verl-format parquets (comma-separated paths) as dicts (``prompt``, ``extra_info``, ...)."""
+    import pyarrow.parquet as pq
+
+    rows = [row for part in path.split(",") if part for row in pq.read_table(part.strip()).to_pylist()]
+    return rows[:limit] if limit is not None else rows
+
+
+def make_loop_factory(cfg: RolloutRunConfig):
+    """Build what every rollout shares (tokenizer, model backend) and return a loop factory."""
+    from transformers import AutoConfig, AutoTokenizer
+    from verl.experimental.agent_loop.agent_loop import DictConfigWrap
+
+    from recipe.config import Policy
+    from recipe.swe_agent_loop import SWEAgentLoop
+
+    swe_agent = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "swe_agent.yaml"), cfg.swe_agent)
+    swe_agent.policy = cfg.policy
+    backend = None
+    if cfg.model_path is None:
+        from prepare.tiny_model import build_tiny_model
+
+        cfg.model_path = str(build_tiny_model(Path(cfg.out_dir) / "tiny_model", seed=cfg.seed))
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+    hf_model_type = getattr(AutoConfig.from_pretrained(cfg.model_path), "model_type", None)
+    if Policy(cfg.policy) == Policy.MODEL:
+        from model_proxy.backends.hf_local import HFLocalBackend
+
+        backend = HFLocalBackend(cfg.model_path, device=cfg.device, seed=cfg.seed)
+
+    trainer_config = OmegaConf.create(
+        {
+            "actor_rollout_ref": {
+                "rollout": {"prompt_length": cfg.prompt_length, "response_length": cfg.response_length}
+            },
+            "data": {},
+        }
+    )
+
+    def make_loop() -> SWEAgentLoop:
+        return SWEAgentLoop(
+            trainer_config=DictConfigWrap(trainer_config),
+            server_manager=None,
+            tokenizer=tokenizer,
+            processor=None,
+            dataset_cls=None,
+            data_config=DictConfigWrap(trainer_config.data),
+            hf_model_type=hf_model_type,
+            swe_agent=OmegaConf.to_container(swe_agent),
+            backend=backend,
+        )
+
+    return make_loop
+
+
+async def run_rollouts(cfg: RolloutRunConfig) -> dict[str, Any]:
+    """Run every row ``cfg.n`` times at ``cfg.concurrency``; write outputs; return the summary dict."""
+    from tqdm import tqdm
+
+    from model_proxy.server import ModelProxyServer
+    from recipe.trajectory import RunSummary, TrajectoryRecord
+
+    rows = read_rows(cfg.data, cfg.limit)
+    make_loop = make_loop_factory(cfg)
+    sampling_params = {
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "top_k": cfg.top_k,
+        "repetition_penalty": 1.0,
+        "logprobs": True,
+    }
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_name = cfg.model_name or (cfg.model_path if cfg.policy == "model" else f"scripted-{cfg.policy}")
+    semaphore = asyncio.Semaphore(cfg.concurrency)
+
+    async def one(row: dict[str, Any]) -> TrajectoryRecord:
+        async with semaphore:
+            output = await make_loop().run(
+                dict(sampling_params),
+                raw_prompt=row.get("prompt") or [],
+                extra_info=row.get("extra_info") or {},
+                data_source=row.get("data_source", ""),
+                reward_model=row.get("reward_model"),
+            )
+        return TrajectoryRecord.from_output(output, data_source=row.get("data_source", ""), policy=cfg.policy)
+
+    jobs = [asyncio.create_task(one(row)) for row in rows for _ in range(cfg.n)]
+    records: list[TrajectoryRecord] = []
+    try:
+        with open(out_dir / "trajectories.jsonl", "w") as traj_fh, open(out_dir / "predictions.jsonl", "w") as pred_fh:
+            for job in tqdm(asyncio.as_completed(jobs), total=len(jobs), desc=f"rollouts ({cfg.policy})"):
+                record = await job
+                records.append(record)
+                traj_fh.write(record.model_dump_json() + "\n")
+                pred_fh.write(json.dumps(record.prediction(model_name)) + "\n")
+                traj_fh.flush()
+                pred_fh.flush()
+    finally:
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
+        await ModelProxyServer.stop_shared()
+
+    by_source: dict[str, list[TrajectoryRecord]] = {}
+    for record in records:
+        by_source.setdefault(record.data_source, []).append(record)
+    summary = {"policy": cfg.policy, "model": model_name, "all": RunSummary.of(records).model_dump()}
+    summary["by_data_source"] = {src: RunSummary.of(rs).model_dump() for src, rs in sorted(by_source.items())}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    for src, rs in sorted(by_source.items()):
+        print("\n".join(RunSummary.of(rs).lines(f"{cfg.policy}:{src}")))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    asyncio.run(run_rollouts(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

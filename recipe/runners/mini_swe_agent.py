@@ -1,0 +1,173 @@
+"""Host side of a mini-swe-agent run: one unattended subprocess per rollout.
+
+The subprocess (``recipe.runners.mini_swe_agent_entry``) runs in its own
+process group, with its working directory and every bash command in the
+sandbox's work tree, and talks only to the rollout's ModelProxy session. Facts
+about unattended runs come from mini-swe-agent 2.x's code: ``MSWEA_CONFIGURED``
+skips the first-run wizard, a private ``MSWEA_GLOBAL_CONFIG_DIR`` keeps rollouts
+apart, ``MSWEA_COST_TRACKING=ignore_errors`` stops unknown model names from
+raising, ``LITELLM_LOCAL_MODEL_COST_MAP`` stops litellm from fetching its cost
+map over the network, and ``MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT`` lowers its
+10-attempt retry loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from recipe.config import AgentSettings
+from recipe.outcome import ExitStatus, from_mini_swe_agent
+from recipe.runners.spec import RunnerResult, RunnerSpec
+from sandbox.local import LocalSandbox
+from sandbox.process import kill_process_group
+
+_LOG_TAIL_CHARS = 4000
+
+
+@dataclass
+class AgentRun:
+    """What one agent subprocess did.
+
+    Attributes:
+        exit_status: our closed-set status.
+        raw_exit_status: mini-swe-agent's own status string (or ``killed``/``crashed``).
+        n_calls: LLM calls the agent made.
+        duration_s: wall-clock seconds from spawn to exit.
+        error: error text when the agent crashed or was killed, else None.
+        log_tail: the end of the subprocess's stdout/stderr.
+        messages: the agent's own message history (mini-swe-agent format).
+    """
+
+    exit_status: ExitStatus
+    raw_exit_status: str
+    n_calls: int
+    duration_s: float
+    error: str | None = None
+    log_tail: str = ""
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+
+def agent_environment(sandbox: LocalSandbox, settings: AgentSettings) -> dict[str, str]:
+    """The subprocess environment: the sandbox's (with its rollout marker) plus unattended-run settings."""
+    env = sandbox.env()
+    # `python`/`pytest` in the agent's commands must be this interpreter's.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(
+        MSWEA_CONFIGURED="true",
+        MSWEA_SILENT_STARTUP="1",
+        MSWEA_GLOBAL_CONFIG_DIR=str(sandbox.home / "mini-swe-agent"),
+        MSWEA_COST_TRACKING="ignore_errors",
+        MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT=str(max(1, settings.llm_retry_attempts)),
+        LITELLM_LOCAL_MODEL_COST_MAP="True",
+        PYTHONUNBUFFERED="1",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    return env
+
+
+async def run_mini_swe_agent(
+    sandbox: LocalSandbox,
+    *,
+    task_text: str,
+    api_base: str,
+    api_key: str,
+    model_name: str,
+    settings: AgentSettings,
+    trajectory_path: str | None = None,
+) -> AgentRun:
+    """Run mini-swe-agent on ``task_text`` in ``sandbox`` until it exits or ``settings.rollout_timeout_s``.
+
+    On timeout the agent's process group is killed and the status is
+    ``rollout_timeout``. On cancellation the group is killed and
+    ``asyncio.CancelledError`` propagates (the sandbox's teardown kills anything
+    the agent's commands left running).
+    """
+    spec_path = sandbox.home / "runner_spec.json"
+    result_path = sandbox.home / "runner_result.json"
+    log_path = sandbox.home / "runner.log"
+    spec = RunnerSpec(
+        task=task_text,
+        workdir=str(sandbox.workdir),
+        api_base=api_base,
+        api_key=api_key,
+        model_name=model_name,
+        mode=settings.mode,  # type: ignore[arg-type]
+        step_limit=settings.step_limit,
+        command_timeout_s=settings.command_timeout_s,
+        turn_timeout_s=settings.turn_timeout_s,
+        trajectory_path=trajectory_path,
+        result_path=str(result_path),
+    )
+    await asyncio.to_thread(spec_path.write_text, spec.model_dump_json())
+
+    start = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "recipe.runners.mini_swe_agent_entry",
+            str(spec_path),
+            cwd=str(sandbox.workdir),
+            env=agent_environment(sandbox, settings),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+    sandbox.track_process_group(proc.pid)
+    timed_out = False
+    try:
+        await asyncio.wait_for(proc.wait(), timeout=settings.rollout_timeout_s)
+    except asyncio.TimeoutError:
+        timed_out = True
+        kill_process_group(proc.pid)
+        await proc.wait()
+    except BaseException:
+        kill_process_group(proc.pid)
+        raise
+    duration = time.monotonic() - start
+
+    log_tail = await asyncio.to_thread(_tail, log_path)
+    if timed_out:
+        return AgentRun(
+            exit_status=ExitStatus.ROLLOUT_TIMEOUT,
+            raw_exit_status="killed",
+            n_calls=0,
+            duration_s=duration,
+            error=f"agent killed after rollout_timeout_s={settings.rollout_timeout_s}",
+            log_tail=log_tail,
+        )
+    try:
+        result = RunnerResult.model_validate_json(await asyncio.to_thread(result_path.read_text))
+    except (OSError, ValueError):
+        return AgentRun(
+            exit_status=ExitStatus.AGENT_ERROR,
+            raw_exit_status="crashed",
+            n_calls=0,
+            duration_s=duration,
+            error=f"agent process exited with code {proc.returncode} without a result",
+            log_tail=log_tail,
+        )
+    return AgentRun(
+        exit_status=from_mini_swe_agent(result.exit_status),
+        raw_exit_status=result.exit_status,
+        n_calls=result.n_calls,
+        duration_s=duration,
+        error=result.error,
+        log_tail=log_tail,
+        messages=result.messages,
+    )
+
+
+def _tail(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-_LOG_TAIL_CHARS:].decode("utf-8", errors="replace")

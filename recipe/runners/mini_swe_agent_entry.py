@@ -1,0 +1,72 @@
+"""Entry point of the mini-swe-agent subprocess (``python -m recipe.runners.mini_swe_agent_entry SPEC``).
+
+Runs mini-swe-agent as a library (``DefaultAgent`` + ``LitellmModel`` +
+``LocalEnvironment``) with the builtin ``mini.yaml``/``mini_textbased.yaml``
+templates, unattended, against the ModelProxy session given in the spec, and
+writes a ``RunnerResult`` JSON next to the agent's own trajectory file.
+
+Kept free of project imports other than the spec model so it starts fast.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+
+
+def main(spec_path: str) -> int:
+    from recipe.runners.spec import RunnerResult, RunnerSpec
+
+    spec = RunnerSpec.model_validate_json(Path(spec_path).read_text())
+    result = RunnerResult(exit_status="AgentNotStarted")
+    try:
+        import yaml
+        from minisweagent.agents.default import DefaultAgent
+        from minisweagent.config import builtin_config_dir
+        from minisweagent.environments.local import LocalEnvironment
+        from minisweagent.models import get_model
+
+        builtin = "mini.yaml" if spec.mode == "tool_call" else "mini_textbased.yaml"
+        defaults = yaml.safe_load((builtin_config_dir / builtin).read_text())
+        model_cfg = dict(defaults.get("model", {}))
+        model_cfg.update(
+            model_name=f"openai/{spec.model_name}",
+            model_class="litellm" if spec.mode == "tool_call" else "litellm_textbased",
+            cost_tracking="ignore_errors",
+            model_kwargs={
+                **model_cfg.get("model_kwargs", {}),
+                "api_base": spec.api_base,
+                "api_key": spec.api_key,
+                "timeout": spec.turn_timeout_s,
+                "num_retries": 0,
+            },
+        )
+        model = get_model(config=model_cfg)
+        env_cfg = dict(defaults.get("environment", {}))
+        env = LocalEnvironment(cwd=spec.workdir, env=env_cfg.get("env", {}), timeout=spec.command_timeout_s)
+        agent_cfg = dict(defaults["agent"])
+        agent_cfg.update(
+            step_limit=spec.step_limit,
+            cost_limit=0,
+            output_path=Path(spec.trajectory_path) if spec.trajectory_path else None,
+        )
+        agent = DefaultAgent(model, env, **agent_cfg)
+        try:
+            info = agent.run(spec.task)
+            result.exit_status = info.get("exit_status", "") or "Unknown"
+            result.submission = info.get("submission", "") or ""
+        except Exception as exc:  # the agent already recorded an "exit" message
+            result.exit_status = type(exc).__name__
+            result.error = f"{type(exc).__name__}: {exc}"[-4000:]
+        result.n_calls = agent.n_calls
+        result.messages = agent.messages
+    except Exception as exc:
+        result.exit_status = type(exc).__name__
+        result.error = traceback.format_exc()[-4000:]
+    Path(spec.result_path).write_text(result.model_dump_json())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,33 @@
+"""What the host side tells the agent subprocess, and what the subprocess reports back."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class RunnerSpec(BaseModel):
+    """One agent run, serialised to a JSON file the subprocess reads."""
+
+    task: str
+    workdir: str
+    api_base: str
+    api_key: str
+    model_name: str
+    mode: Literal["tool_call", "text"] = "tool_call"
+    step_limit: int = 30
+    command_timeout_s: int = 60
+    turn_timeout_s: float = 600.0
+    trajectory_path: str | None = None
+    result_path: str
+
+
+class RunnerResult(BaseModel):
+    """The subprocess's report; ``exit_status`` uses mini-swe-agent's names."""
+
+    exit_status: str
+    submission: str = ""
+    n_calls: int = 0
+    error: str | None = None
+    messages: list[dict[str, Any]] = Field(default_factory=list)

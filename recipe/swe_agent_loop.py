@@ -1,0 +1,285 @@
+"""``SWEAgentLoop``: verl agent loop that runs a coding agent in a sandbox through the ModelProxy.
+
+One instance per sample (verl makes a new loop object per sample; all of a
+worker's rollouts share one event loop and one ModelProxy server). ``run``:
+
+1. rebuilds the task from the row's ``extra_info`` and makes a sandbox;
+2. opens a proxy session whose backend is verl's server manager (training) or a
+   backend handed in (CPU rollouts, scripted harness checks);
+3. runs the agent subprocess against the session until it exits or times out;
+4. extracts the patch from the sandbox and grades it on a pristine copy;
+5. returns an ``AgentLoopOutput`` with the session's exact tokens, mask and logprobs.
+
+Whatever happens, the sandbox (with every process the rollout started) and the
+session are gone when ``run`` returns or is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput, register
+
+from model_proxy.backends.base import GenerationBackend
+from model_proxy.backends.scripted import ScriptedPolicyBackend
+from model_proxy.backends.verl_server import VerlServerBackend
+from model_proxy.server import ModelProxyServer, SessionConfig, SessionResult
+from prepare.task import SWETask
+from recipe.config import Policy, SWEAgentConfig, load_swe_agent_config
+from recipe.outcome import ExitStatus
+from recipe.runners.mini_swe_agent import AgentRun, run_mini_swe_agent
+from reward.grading import GradeResult, grade_patch
+from sandbox.local import LocalSandbox, SandboxError
+
+logger = logging.getLogger(__name__)
+
+# Marks the reference patch's here-document in the scripted harness check.
+_PATCH_EOF = "SWE_RL_REFERENCE_PATCH_EOF"
+
+
+def reference_commands(task: SWETask) -> list[str]:
+    """Bash commands that apply the task's reference patch, for the scripted harness check."""
+    patch = task.patch if task.patch.endswith("\n") else task.patch + "\n"
+    return [f"git apply --whitespace=nowarn - <<'{_PATCH_EOF}'\n{patch}{_PATCH_EOF}", "git status --short"]
+
+
+@dataclass
+class RolloutInfo:
+    """Per-rollout facts carried in ``AgentLoopOutput.extra_fields`` (same keys every time).
+
+    Times are seconds. ``masked`` means the response mask was zeroed by the masking policy.
+    """
+
+    instance_id: str = ""
+    rollout_id: str = ""
+    exit_status: str = ExitStatus.AGENT_ERROR.value
+    agent_exit_status: str = ""
+    masked: bool = False
+    resolved: bool = False
+    reward: float = 0.0
+    patch: str = ""
+    error: str = ""
+    num_llm_calls: int = 0
+    generation_s: float = 0.0
+    tool_s: float = 0.0
+    total_s: float = 0.0
+    grade: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+
+@register("swe_agent")
+class SWEAgentLoop(AgentLoopBase):
+    """Agent loop running mini-swe-agent against the ModelProxy (see module docstring).
+
+    Extra constructor arguments (beyond ``AgentLoopBase``'s):
+        swe_agent: overrides for the ``swe_agent`` config section (dict), e.g.
+            from the agent-loop YAML; merged over the trainer config's
+            ``swe_agent`` section and the schema defaults.
+        backend: a generation backend to use instead of verl's server manager
+            (CPU rollouts); ignored for the scripted policies.
+        tools: verl passes its tool list to every loop; unused here.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        swe_agent: dict[str, Any] | None = None,
+        backend: GenerationBackend | None = None,
+        tools: Any = None,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        section = self.config.get("swe_agent") if isinstance(self.config, DictConfig) else None
+        self.swe_config: SWEAgentConfig = load_swe_agent_config(section, swe_agent)
+        self.backend = backend
+        self.response_length: int = int(self.rollout_config.response_length)
+
+    async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
+        """Run one rollout; never raises for task, agent, proxy or grading failures.
+
+        Returns:
+            AgentLoopOutput with ``len(response_ids) == len(response_mask) ==
+            len(response_logprobs) <= rollout.response_length`` and the
+            ``RolloutInfo`` fields in ``extra_fields``.
+
+        Raises:
+            asyncio.CancelledError: after the sandbox and session are cleaned up.
+        """
+        start = time.monotonic()
+        info = RolloutInfo(rollout_id=uuid.uuid4().hex)
+        raw_prompt = list(kwargs.get("raw_prompt") or [])
+        try:
+            task = SWETask.from_extra_info(kwargs.get("extra_info") or {})
+        except Exception as exc:
+            info.exit_status = ExitStatus.SANDBOX_ERROR.value
+            info.error = f"broken task row: {exc}"
+            logger.warning("%s", info.error)
+            return await self._output_without_session(raw_prompt, info, start)
+        info.instance_id = task.instance_id
+
+        sandbox: LocalSandbox | None = None
+        proxy = await ModelProxyServer.shared(host=self.swe_config.proxy.host, port=self.swe_config.proxy.port)
+        session_id: str | None = None
+        session: SessionResult | None = None
+        agent: AgentRun | None = None
+        try:
+            sandbox = await LocalSandbox.create(
+                task, parent_dir=self.swe_config.sandbox.parent_dir, rollout_id=info.rollout_id
+            )
+
+            handle = proxy.open_session(
+                SessionConfig(
+                    backend=self._backend_for(task),
+                    tokenizer=self.tokenizer,
+                    token_builder=self.continuous_token_builder,
+                    sampling_params=dict(sampling_params),
+                    max_response_tokens=self.response_length,
+                    tool_parser=self.swe_config.proxy.tool_parser,
+                    model_name=self.swe_config.proxy.model_name,
+                    request_id=info.rollout_id,
+                )
+            )
+            session_id = handle.session_id
+            agent = await run_mini_swe_agent(
+                sandbox,
+                task_text=task.problem_statement,
+                api_base=handle.base_url,
+                api_key=handle.api_key,
+                model_name=self.swe_config.proxy.model_name,
+                settings=self.swe_config.agent,
+                trajectory_path=self._trajectory_path(task, info.rollout_id),
+            )
+            session = proxy.close_session(session_id)
+            session_id = None
+            info.exit_status = _resolve_status(agent, session).value
+            info.agent_exit_status = agent.raw_exit_status
+            info.num_llm_calls = agent.n_calls
+            info.error = agent.error or (session.error or "")
+            info.patch = await sandbox.extract_patch()
+        except SandboxError as exc:
+            info.exit_status = ExitStatus.SANDBOX_ERROR.value
+            info.error = str(exc)
+            logger.warning("%s", exc)
+        except Exception as exc:  # a bug or an infrastructure failure: keep the run going
+            stage = ExitStatus.SANDBOX_ERROR if agent is not None or sandbox is None else ExitStatus.PROXY_ERROR
+            info.exit_status = stage.value
+            info.error = f"{type(exc).__name__}: {exc}"
+            logger.exception("rollout %s of %s failed", info.rollout_id, task.instance_id)
+        finally:
+            if session_id is not None:
+                proxy.close_session(session_id)
+            if sandbox is not None:
+                await sandbox.teardown()
+        if session is None or agent is None:
+            return await self._output_without_session(raw_prompt, info, start)
+
+        grade = await grade_patch(task, info.patch, timeout_s=self.swe_config.reward.timeout_s, skip_empty=True)
+        info.grade = grade.to_dict()
+        if grade.error not in (None, "empty_patch", "patch_apply_failed", "patch_parse_error", "timeout", "test_error"):
+            info.exit_status = ExitStatus.REWARD_ERROR.value
+            info.error = info.error or f"grading failed: {grade.error}"
+        info.resolved = grade.resolved
+        info.reward = grade.reward
+        return self._output_from_session(session, agent, grade, info, start)
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _backend_for(self, task: SWETask) -> GenerationBackend:
+        policy = self.swe_config.policy
+        if policy == Policy.REFERENCE:
+            return ScriptedPolicyBackend(self.tokenizer, reference_commands(task), mode=self.swe_config.agent.mode)
+        if policy == Policy.EMPTY:
+            return ScriptedPolicyBackend(self.tokenizer, [], mode=self.swe_config.agent.mode)
+        if self.backend is not None:
+            return self.backend
+        return VerlServerBackend(self.server_manager, self.tokenizer)
+
+    def _trajectory_path(self, task: SWETask, rollout_id: str) -> str | None:
+        if not self.swe_config.trajectory_dir:
+            return None
+        return str(Path(self.swe_config.trajectory_dir) / task.instance_id / f"{rollout_id}.traj.json")
+
+    def _masked(self, status: ExitStatus) -> bool:
+        return status.is_infra_failure or (status.is_limit and self.swe_config.masking.mask_limit_exits)
+
+    def _output_from_session(
+        self,
+        session: SessionResult,
+        agent: AgentRun,
+        grade: GradeResult,
+        info: RolloutInfo,
+        start: float,
+    ) -> AgentLoopOutput:
+        status = ExitStatus(info.exit_status)
+        info.generation_s = session.generation_s
+        info.tool_s = session.tool_s
+        info.messages = session.messages or agent.messages
+        if not session.prompt_ids:
+            # The agent never reached the model: nothing was sampled, nothing to train on.
+            prompt_ids, response_ids, mask, logprobs = self._placeholder_tokens()
+        else:
+            prompt_ids = session.prompt_ids
+            n = self.response_length
+            response_ids = session.response_ids[:n]
+            mask = session.response_mask[:n]
+            logprobs = (session.response_logprobs or [0.0] * len(session.response_ids))[:n]
+            if not response_ids:
+                _, response_ids, mask, logprobs = self._placeholder_tokens()
+        info.masked = self._masked(status) or not any(mask)
+        if info.masked:
+            mask = [0] * len(mask)
+        info.total_s = time.monotonic() - start
+        reward = 0.0 if status.is_infra_failure else info.reward
+        return AgentLoopOutput(
+            prompt_ids=list(prompt_ids),
+            response_ids=list(response_ids),
+            response_mask=list(mask),
+            response_logprobs=list(logprobs),
+            reward_score=reward,
+            num_turns=len(info.messages),
+            metrics=AgentLoopMetrics(generate_sequences=info.generation_s, tool_calls=info.tool_s),
+            extra_fields=asdict(info),
+        )
+
+    async def _output_without_session(
+        self, raw_prompt: list[dict[str, Any]], info: RolloutInfo, start: float
+    ) -> AgentLoopOutput:
+        """A fully masked output for a rollout that failed before any generation."""
+        prompt_ids = await self.ct_build_initial_tokens(raw_prompt) if raw_prompt else []
+        _, response_ids, mask, logprobs = self._placeholder_tokens()
+        if not prompt_ids:
+            prompt_ids = list(response_ids)
+        info.masked = True
+        info.total_s = time.monotonic() - start
+        return AgentLoopOutput(
+            prompt_ids=list(prompt_ids),
+            response_ids=response_ids,
+            response_mask=mask,
+            response_logprobs=logprobs,
+            reward_score=0.0,
+            num_turns=0,
+            metrics=AgentLoopMetrics(),
+            extra_fields=asdict(info),
+        )
+
+    def _placeholder_tokens(self) -> tuple[list[int], list[int], list[int], list[float]]:
+        # verl puts the reward on the last response position, so the response
+        # cannot be empty; one masked end-of-turn token carries it without loss.
+        eos = self.tokenizer.eos_token_id
+        token = int(eos if eos is not None else 0)
+        return [], [token], [0], [0.0]
+
+
+def _resolve_status(agent: AgentRun, session: SessionResult) -> ExitStatus:
+    """The rollout's status: the proxy knows about budget exhaustion before the agent does."""
+    if session.stop == "context_limit":
+        return ExitStatus.CONTEXT_LIMIT
+    if session.error and agent.exit_status != ExitStatus.SUBMITTED:
+        return ExitStatus.PROXY_ERROR
+    return agent.exit_status

@@ -1,0 +1,122 @@
+"""Trajectory records written by rollout runs, SWE-bench predictions, and the run summary."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from typing import Any
+
+from pydantic import BaseModel, Field
+from verl.experimental.agent_loop.agent_loop import AgentLoopOutput
+
+
+class TrajectoryRecord(BaseModel):
+    """One rollout, as one JSONL line. Times in seconds, lengths in tokens."""
+
+    instance_id: str
+    rollout_id: str
+    data_source: str
+    policy: str
+    exit_status: str
+    agent_exit_status: str
+    reward: float
+    resolved: bool
+    masked: bool
+    num_turns: int
+    num_llm_calls: int
+    prompt_tokens: int
+    response_tokens: int
+    response_mask_len: int
+    sampled_tokens: int  # positions with response_mask == 1
+    logprobs_len: int
+    generation_s: float
+    tool_s: float
+    total_s: float
+    patch: str
+    error: str
+    grade: dict[str, Any] = Field(default_factory=dict)
+    messages: list[dict[str, Any]] = Field(default_factory=list)
+
+    @classmethod
+    def from_output(cls, output: AgentLoopOutput, *, data_source: str, policy: str) -> TrajectoryRecord:
+        """Build a record from a ``SWEAgentLoop`` output (its ``extra_fields`` carry ``RolloutInfo``)."""
+        extra = output.extra_fields
+        return cls(
+            instance_id=extra["instance_id"],
+            rollout_id=extra["rollout_id"],
+            data_source=data_source,
+            policy=policy,
+            exit_status=extra["exit_status"],
+            agent_exit_status=extra["agent_exit_status"],
+            reward=float(output.reward_score or 0.0),
+            resolved=bool(extra["resolved"]),
+            masked=bool(extra["masked"]),
+            num_turns=output.num_turns,
+            num_llm_calls=int(extra["num_llm_calls"]),
+            prompt_tokens=len(output.prompt_ids),
+            response_tokens=len(output.response_ids),
+            response_mask_len=len(output.response_mask),
+            sampled_tokens=sum(output.response_mask),
+            logprobs_len=len(output.response_logprobs or []),
+            generation_s=float(extra["generation_s"]),
+            tool_s=float(extra["tool_s"]),
+            total_s=float(extra["total_s"]),
+            patch=extra["patch"],
+            error=extra["error"],
+            grade=extra["grade"],
+            messages=extra["messages"],
+        )
+
+    def prediction(self, model_name: str) -> dict[str, str]:
+        """This rollout as a SWE-bench prediction (``instance_id``, ``model_name_or_path``, ``model_patch``)."""
+        return {"instance_id": self.instance_id, "model_name_or_path": model_name, "model_patch": self.patch}
+
+
+class RunSummary(BaseModel):
+    """Aggregates over a set of rollouts (one data source, or all). Times are means in seconds."""
+
+    n: int
+    resolved: int
+    resolved_rate: float
+    exit_status: dict[str, int]
+    masked: int
+    mean_turns: float
+    mean_llm_calls: float
+    mean_response_tokens: float
+    mean_sampled_tokens: float
+    mean_generation_s: float
+    mean_tool_s: float
+    mean_total_s: float
+
+    @classmethod
+    def of(cls, records: list[TrajectoryRecord]) -> RunSummary:
+        def mean(values: list[float]) -> float:
+            return round(statistics.fmean(values), 4) if values else 0.0
+
+        resolved = sum(r.resolved for r in records)
+        return cls(
+            n=len(records),
+            resolved=resolved,
+            resolved_rate=round(resolved / len(records), 4) if records else 0.0,
+            exit_status=dict(Counter(r.exit_status for r in records)),
+            masked=sum(r.masked for r in records),
+            mean_turns=mean([r.num_turns for r in records]),
+            mean_llm_calls=mean([r.num_llm_calls for r in records]),
+            mean_response_tokens=mean([r.response_tokens for r in records]),
+            mean_sampled_tokens=mean([r.sampled_tokens for r in records]),
+            mean_generation_s=mean([r.generation_s for r in records]),
+            mean_tool_s=mean([r.tool_s for r in records]),
+            mean_total_s=mean([r.total_s for r in records]),
+        )
+
+    def lines(self, title: str) -> list[str]:
+        """Human-readable summary lines."""
+        statuses = ", ".join(f"{k}={v}" for k, v in sorted(self.exit_status.items()))
+        return [
+            f"[{title}] rollouts={self.n} resolved={self.resolved} ({100 * self.resolved_rate:.1f}%) masked={self.masked}",
+            f"[{title}] exit status: {statuses}",
+            f"[{title}] mean turns={self.mean_turns:.1f} llm calls={self.mean_llm_calls:.1f} "
+            f"response tokens={self.mean_response_tokens:.0f} sampled tokens={self.mean_sampled_tokens:.0f}",
+            f"[{title}] mean seconds: llm={self.mean_generation_s:.2f} tools={self.mean_tool_s:.2f} "
+            f"total={self.mean_total_s:.2f}",
+        ]
