@@ -91,7 +91,8 @@ class MaskingSettings:
 class SWEAgentConfig:
     """Everything the SWE agent loop needs beyond verl's own rollout config."""
 
-    policy: Policy = Policy.MODEL
+    # One of Policy's values (a plain string: OmegaConf enums match member names, not values).
+    policy: str = Policy.MODEL.value
     agent: AgentSettings = field(default_factory=AgentSettings)
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
@@ -99,6 +100,13 @@ class SWEAgentConfig:
     masking: MaskingSettings = field(default_factory=MaskingSettings)
     # Per-rollout agent trajectory files go here; null = not kept.
     trajectory_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        allowed = [p.value for p in Policy]
+        if self.policy not in allowed:
+            raise ValueError(f"swe_agent.policy={self.policy!r}: expected one of {allowed}")
+        if self.agent.mode not in ("tool_call", "text"):
+            raise ValueError(f"swe_agent.agent.mode={self.agent.mode!r}: expected 'tool_call' or 'text'")
 
 
 def load_swe_agent_config(*overrides: Any) -> SWEAgentConfig:

@@ -1,0 +1,70 @@
+"""The swe_agent config: documented defaults match the schema, bad keys fail by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from recipe.config import Policy, SWEAgentConfig, load_swe_agent_config
+from recipe.outcome import ExitStatus, from_mini_swe_agent
+from recipe.rollout import load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_yaml_defaults_equal_schema_defaults():
+    from_yaml = load_swe_agent_config(OmegaConf.load(CONFIGS / "swe_agent.yaml"))
+    assert from_yaml == SWEAgentConfig()
+
+
+def test_overrides_merge_in_order():
+    cfg = load_swe_agent_config({"agent": {"step_limit": 5}}, {"policy": "reference"})
+    assert cfg.agent.step_limit == 5 and Policy(cfg.policy) is Policy.REFERENCE
+    assert cfg.agent.rollout_timeout_s == SWEAgentConfig().agent.rollout_timeout_s
+
+
+def test_unknown_key_fails_with_its_name():
+    with pytest.raises(ConfigKeyError, match="step_limt"):
+        load_swe_agent_config({"agent": {"step_limt": 5}})
+
+
+def test_wrong_type_fails():
+    with pytest.raises(ValidationError, match="step_limit"):
+        load_swe_agent_config({"agent": {"step_limit": "many"}})
+
+
+def test_unknown_policy_fails_with_choices():
+    with pytest.raises(ValueError, match="reference"):
+        load_swe_agent_config({"policy": "gold"})
+
+
+def test_rollout_cli_rejects_unknown_keys():
+    assert load_config(["concurrency=2"]).concurrency == 2
+    with pytest.raises(ConfigKeyError, match="concurency"):
+        load_config(["concurency=2"])
+
+
+@pytest.mark.parametrize(
+    ("raw", "ours"),
+    [
+        ("Submitted", ExitStatus.SUBMITTED),
+        ("LimitsExceeded", ExitStatus.STEP_LIMIT),
+        ("TimeExceeded", ExitStatus.ROLLOUT_TIMEOUT),
+        ("ContextWindowExceededError", ExitStatus.CONTEXT_LIMIT),
+        ("RepeatedFormatError", ExitStatus.AGENT_ERROR),
+        ("APIConnectionError", ExitStatus.PROXY_ERROR),
+        ("KeyError", ExitStatus.AGENT_ERROR),
+    ],
+)
+def test_mini_swe_agent_statuses_map_to_closed_set(raw, ours):
+    assert from_mini_swe_agent(raw) is ours
+
+
+def test_limit_and_infra_classes():
+    assert {s for s in ExitStatus if s.is_limit} == {
+        ExitStatus.STEP_LIMIT, ExitStatus.CONTEXT_LIMIT, ExitStatus.ROLLOUT_TIMEOUT}
+    assert {s for s in ExitStatus if s.is_infra_failure} == {
+        ExitStatus.SANDBOX_ERROR, ExitStatus.PROXY_ERROR, ExitStatus.REWARD_ERROR}
