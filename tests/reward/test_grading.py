@@ -1,0 +1,185 @@
+"""grade_patch on real git repositories and real pytest runs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from reward.grading import grade_patch
+
+
+def new_file_patch(path: str, content: str) -> str:
+    """A git-style diff creating ``path`` with ``content`` (ends with a newline)."""
+    lines = content.splitlines()
+    body = "".join(f"+{line}\n" for line in lines)
+    return (
+        f"diff --git a/{path} b/{path}\nnew file mode 100644\n--- /dev/null\n+++ b/{path}\n"
+        f"@@ -0,0 +1,{len(lines)} @@\n{body}"
+    )
+
+
+def _alive(pid: int) -> bool:
+    """True for a live process; a zombie (killed, not yet reaped by init) counts as dead."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _wait_dead(pids: list[int], timeout_s: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = [pid for pid in pids if _alive(pid)]
+        if not alive:
+            return []
+        time.sleep(0.05)
+    return [pid for pid in pids if _alive(pid)]
+
+
+async def test_reference_patch_resolves(calc_task, tmp_path):
+    result = await grade_patch(calc_task, calc_task.patch, work_root=str(tmp_path))
+    assert result.error is None, result.log_tail
+    assert result.resolved and result.reward == 1.0 and result.patch_applied
+    assert sorted(result.tests["FAIL_TO_PASS"]["success"]) == sorted(calc_task.FAIL_TO_PASS)
+    assert sorted(result.tests["PASS_TO_PASS"]["success"]) == sorted(calc_task.PASS_TO_PASS)
+    assert result.tests["FAIL_TO_PASS"]["failure"] == [] and result.removed_test_files == []
+    assert list(tmp_path.iterdir()) == []  # temp copy removed
+    assert set(result.to_dict()) >= {"instance_id", "resolved", "reward", "error", "tests", "log_tail"}
+
+
+async def test_empty_patch_runs_tests_and_fails(calc_task):
+    result = await grade_patch(calc_task, "")
+    assert result.error is None and not result.resolved and result.reward == 0.0
+    assert not result.patch_applied
+    assert sorted(result.tests["FAIL_TO_PASS"]["failure"]) == sorted(calc_task.FAIL_TO_PASS)
+    assert sorted(result.tests["PASS_TO_PASS"]["success"]) == sorted(calc_task.PASS_TO_PASS)
+
+
+async def test_empty_patch_skipped(calc_task):
+    result = await grade_patch(calc_task, "  \n", skip_empty=True)
+    assert result.error == "empty_patch" and result.reward == 0.0
+    assert result.tests["FAIL_TO_PASS"] == {"success": [], "failure": []}
+
+
+async def test_patch_that_does_not_apply(calc_task, tmp_path):
+    bad = calc_task.patch.replace("for value in values", "for item in items")
+    result = await grade_patch(calc_task, bad, work_root=str(tmp_path))
+    assert result.error == "patch_apply_failed"
+    assert not result.patch_applied and not result.resolved and result.reward == 0.0
+    assert "patch" in result.log_tail
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_unparsable_patch(calc_task):
+    result = await grade_patch(calc_task, "please fix the bug, thanks\n")
+    assert result.error == "patch_parse_error" and result.reward == 0.0
+
+
+async def test_missing_repo(calc_task, tmp_path):
+    missing = calc_task.model_copy(update={"repo_path": str(tmp_path / "nope")})
+    result = await grade_patch(missing, calc_task.patch)
+    assert result.error == "repo_missing" and result.reward == 0.0
+    no_path = calc_task.model_copy(update={"repo_path": None})
+    assert (await grade_patch(no_path, calc_task.patch)).error == "repo_missing"
+
+
+async def test_unknown_base_commit(calc_task, tmp_path):
+    wrong = calc_task.model_copy(update={"base_commit": "0" * 40})
+    result = await grade_patch(wrong, calc_task.patch, work_root=str(tmp_path))
+    assert result.error == "repo_missing"
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_test_file_changes_are_stripped_and_counted(calc_task):
+    # The fix plus an edit to a visible test and a conftest that would skip everything.
+    edit_visible = (
+        "diff --git a/tests/test_ops.py b/tests/test_ops.py\n--- a/tests/test_ops.py\n+++ b/tests/test_ops.py\n"
+        "@@ -4,2 +4,2 @@\n def test_empty():\n-    assert add_all([]) == 0\n+    assert add_all([]) == 0 or True\n"
+    )
+    conftest = new_file_patch("conftest.py", "import pytest\ncollect_ignore_glob = ['tests/*']\n")
+    result = await grade_patch(calc_task, calc_task.patch + edit_visible + conftest)
+    assert result.removed_test_files == ["tests/test_ops.py", "conftest.py"]
+    assert result.resolved and result.patch_applied, result.log_tail
+
+    # A patch that only "adds" the hidden tests itself is stripped to nothing.
+    cheat = new_file_patch("tests/test_ops_hidden.py", "def test_sum():\n    pass\n")
+    result = await grade_patch(calc_task, cheat)
+    assert result.removed_test_files == ["tests/test_ops_hidden.py"]
+    assert not result.resolved and not result.patch_applied and result.error is None
+    skipped = await grade_patch(calc_task, cheat, skip_empty=True)
+    assert skipped.error == "empty_patch"
+
+
+def _hanging_task(calc_task, pid_file: Path):
+    hang = (
+        "import os, subprocess, time\n"
+        "\n"
+        "def test_hang():\n"
+        "    child = subprocess.Popen(['sleep', '300'])\n"
+        f"    with open({str(pid_file)!r}, 'w') as fh:\n"
+        "        fh.write(f'{os.getpid()} {child.pid}')\n"
+        "    time.sleep(300)\n"
+    )
+    return calc_task.model_copy(
+        update={
+            "test_patch": calc_task.test_patch + new_file_patch("tests/test_hang.py", hang),
+            "FAIL_TO_PASS": ["tests/test_hang.py::test_hang"],
+        }
+    )
+
+
+def _pids(pid_file: Path) -> list[int]:
+    return [int(p) for p in pid_file.read_text().split()]
+
+
+async def test_hanging_suite_times_out(calc_task, tmp_path):
+    pid_file = tmp_path / "pids"
+    work = tmp_path / "work"
+    work.mkdir()
+    task = _hanging_task(calc_task, pid_file)
+    start = time.monotonic()
+    result = await grade_patch(task, calc_task.patch, timeout_s=4.0, work_root=str(work))
+    assert time.monotonic() - start < 30
+    assert result.error == "timeout" and not result.resolved and result.reward == 0.0
+    assert "killed after" in result.log_tail
+    assert list(work.iterdir()) == []
+    pids = _pids(pid_file)
+    assert len(pids) == 2
+    assert _wait_dead(pids) == []
+
+
+async def test_cancel_cleans_up(calc_task, tmp_path):
+    pid_file = tmp_path / "pids"
+    work = tmp_path / "work"
+    work.mkdir()
+    task = _hanging_task(calc_task, pid_file)
+    grading = asyncio.create_task(grade_patch(task, calc_task.patch, timeout_s=120.0, work_root=str(work)))
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and len(pid_file.read_text().split()) == 2):
+        assert time.monotonic() < deadline and not grading.done()
+        await asyncio.sleep(0.05)
+    grading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await grading
+    assert list(work.iterdir()) == []
+    assert _wait_dead(_pids(pid_file)) == []
+
+
+async def test_test_patch_that_does_not_apply(calc_task):
+    broken = calc_task.model_copy(update={"test_patch": calc_task.patch})  # fix already applied -> conflict
+    result = await grade_patch(broken, calc_task.patch)
+    assert result.error == "test_error" and "test_patch" in result.log_tail
+
+
+async def test_collection_error_is_test_error(calc_task):
+    syntax_error = calc_task.patch.replace("+    for value in values:", "+    for value in values")
+    result = await grade_patch(calc_task, syntax_error)
+    assert result.patch_applied
+    assert result.error == "test_error" and not result.resolved
+    assert set(result.tests["FAIL_TO_PASS"]["failure"]) == set(calc_task.FAIL_TO_PASS)
+
