@@ -63,7 +63,9 @@ class RolloutInfo:
     masked: bool = False
     resolved: bool = False
     reward: float = 0.0
-    patch: str = ""
+    # "model_patch", not "patch": verl's reward manager merges extra_fields into
+    # extra_info, where "patch" is the task's reference patch.
+    model_patch: str = ""
     error: str = ""
     num_llm_calls: int = 0
     generation_s: float = 0.0
@@ -161,7 +163,7 @@ class SWEAgentLoop(AgentLoopBase):
             info.agent_exit_status = agent.raw_exit_status
             info.num_llm_calls = agent.n_calls
             info.error = agent.error or (session.error or "")
-            info.patch = await sandbox.extract_patch()
+            info.model_patch = await sandbox.extract_patch()
         except SandboxError as exc:
             info.exit_status = ExitStatus.SANDBOX_ERROR.value
             info.error = str(exc)
@@ -179,7 +181,7 @@ class SWEAgentLoop(AgentLoopBase):
         if session is None or agent is None:
             return await self._output_without_session(raw_prompt, info, start)
 
-        grade = await grade_patch(task, info.patch, timeout_s=self.swe_config.reward.timeout_s, skip_empty=True)
+        grade = await grade_patch(task, info.model_patch, timeout_s=self.swe_config.reward.timeout_s, skip_empty=True)
         info.grade = grade.to_dict()
         if grade.error not in (None, "empty_patch", "patch_apply_failed", "patch_parse_error", "timeout", "test_error"):
             info.exit_status = ExitStatus.REWARD_ERROR.value

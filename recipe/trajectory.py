@@ -61,7 +61,7 @@ class TrajectoryRecord(BaseModel):
             generation_s=float(extra["generation_s"]),
             tool_s=float(extra["tool_s"]),
             total_s=float(extra["total_s"]),
-            patch=extra["patch"],
+            patch=extra["model_patch"],
             error=extra["error"],
             grade=extra["grade"],
             messages=extra["messages"],

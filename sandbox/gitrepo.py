@@ -19,6 +19,10 @@ GIT_ENV = {
 }
 
 
+# Pathspecs for files the agent's runs create that are never part of a patch.
+_CACHE_EXCLUDES = (":(exclude,glob)**/__pycache__/**", ":(exclude,glob)**/*.pyc", ":(exclude,glob)**/.pytest_cache/**")
+
+
 def git_env() -> dict[str, str]:
     """The process environment plus ``GIT_ENV``."""
     return {**os.environ, **GIT_ENV}
@@ -64,7 +68,9 @@ async def diff_against(repo: str | os.PathLike[str], commit: str) -> str:
     """Return ``git diff`` of the work tree (including untracked files) against ``commit``.
 
     Untracked files are added with ``git add -A`` first, so new files appear in the
-    patch as SWE-bench patches do. Binary files appear as ``--binary`` hunks.
+    patch as SWE-bench patches do; interpreter and pytest caches are left out
+    (repos without a ``.gitignore`` would otherwise ship them in the patch).
+    Binary files appear as ``--binary`` hunks.
     """
-    await git(repo, "add", "-A")
+    await git(repo, "add", "-A", "--", ".", *_CACHE_EXCLUDES)
     return await git(repo, "diff", "--cached", "--binary", commit)

@@ -67,6 +67,8 @@ def agent_environment(sandbox: LocalSandbox, settings: AgentSettings) -> dict[st
         LITELLM_LOCAL_MODEL_COST_MAP="True",
         PYTHONUNBUFFERED="1",
         PYTHONDONTWRITEBYTECODE="1",
+        # The agent's own pytest runs need none of this environment's plugins (see DEFAULT_TEST_CMD).
+        PYTEST_DISABLE_PLUGIN_AUTOLOAD="1",
     )
     return env
 

@@ -41,8 +41,13 @@ async def test_copy_is_at_base_commit_and_independent(task_repo, tmp_path):
         assert remotes.strip() == ""
         (box.workdir / "pkg.py").write_text("def add(a, b):\n    return a + b\n")
         (box.workdir / "new_file.py").write_text("X = 1\n")
+        (box.workdir / "__pycache__").mkdir()
+        (box.workdir / "__pycache__" / "pkg.cpython-311.pyc").write_bytes(b"\x00cache")
+        (box.workdir / ".pytest_cache").mkdir()
+        (box.workdir / ".pytest_cache" / "README.md").write_text("cache")
         patch = await box.extract_patch()
         assert "+    return a + b" in patch and "new_file.py" in patch
+        assert "__pycache__" not in patch and ".pytest_cache" not in patch
         # The task repository itself is untouched.
         status = subprocess.run(["git", "-C", task_repo.repo_path, "status", "--porcelain"], capture_output=True, text=True)
         assert status.stdout == ""
