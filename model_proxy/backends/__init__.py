@@ -1,0 +1,1 @@
+"""Generation backends behind the ModelProxy (``base.GenerationBackend``)."""
