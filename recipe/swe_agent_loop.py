@@ -142,6 +142,8 @@ class SWEAgentLoop(AgentLoopBase):
                     token_builder=self.continuous_token_builder,
                     sampling_params=dict(sampling_params),
                     max_response_tokens=self.response_length,
+                    # verl pads every prompt to rollout.prompt_length: a longer first prompt cannot train.
+                    max_prompt_tokens=int(self.rollout_config.prompt_length),
                     tool_parser=self.swe_config.proxy.tool_parser,
                     model_name=self.swe_config.proxy.model_name,
                     request_id=info.rollout_id,
@@ -282,6 +284,8 @@ def _resolve_status(agent: AgentRun, session: SessionResult) -> ExitStatus:
     """The rollout's status: the proxy knows about budget exhaustion before the agent does."""
     if session.stop == "context_limit":
         return ExitStatus.CONTEXT_LIMIT
+    if session.stop == "aborted":  # the generation server aborted a turn (e.g. a weight sync)
+        return ExitStatus.PROXY_ERROR
     if session.error and agent.exit_status != ExitStatus.SUBMITTED:
         return ExitStatus.PROXY_ERROR
     return agent.exit_status

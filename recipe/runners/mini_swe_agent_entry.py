@@ -15,6 +15,35 @@ import traceback
 from pathlib import Path
 
 
+def keep_failed_turns(model):
+    """Make a mini-swe-agent model keep the assistant turn that caused a FormatError.
+
+    mini-swe-agent 2.x appends only the format-error user message and drops the
+    response that caused it, so its next request would rewrite the history the
+    proxy recorded (not append-only). Re-inserting that response (which
+    ``LitellmModel.query`` keeps in the error's ``extra.response``) before the
+    error message keeps the history append-only: the policy is trained on exactly
+    the context it was conditioned on, and a format error earns its reward
+    instead of being masked as a proxy failure.
+    """
+    from minisweagent.exceptions import FormatError
+
+    query = model.query
+
+    def query_keeping_failed_turns(messages, **kwargs):
+        try:
+            return query(messages, **kwargs)
+        except FormatError as error:
+            response = error.messages[0].get("extra", {}).get("response")
+            if isinstance(response, dict):
+                failed = dict(response["choices"][0]["message"], extra={"format_error": True})
+                error.messages = (failed, *error.messages)
+            raise
+
+    model.query = query_keeping_failed_turns
+    return model
+
+
 def main(spec_path: str) -> int:
     from recipe.runners.spec import RunnerResult, RunnerSpec
 
@@ -42,7 +71,7 @@ def main(spec_path: str) -> int:
                 "num_retries": 0,
             },
         )
-        model = get_model(config=model_cfg)
+        model = keep_failed_turns(get_model(config=model_cfg))
         env_cfg = dict(defaults.get("environment", {}))
         env = LocalEnvironment(cwd=spec.workdir, env=env_cfg.get("env", {}), timeout=spec.command_timeout_s)
         agent_cfg = dict(defaults["agent"])

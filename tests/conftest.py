@@ -1,0 +1,37 @@
+"""Shared fixtures: a small set of generated tasks and the tiny local model, built once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# mini-swe-agent and litellm must never reach the network or a first-run wizard in tests.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("MSWEA_CONFIGURED", "true")
+os.environ.setdefault("MSWEA_SILENT_STARTUP", "1")
+
+
+@pytest.fixture(scope="session")
+def simple_tasks_dir(tmp_path_factory) -> Path:
+    """``prepare_data.py --mode simple`` output with 8 tasks (one per bug kind at least)."""
+    out = tmp_path_factory.mktemp("simple_tasks")
+    subprocess.run(
+        [sys.executable, str(ROOT / "prepare" / "prepare_data.py"), "--mode", "simple", "--out", str(out),
+         "--num-tasks", "8", "--seed", "0"],
+        check=True, cwd=ROOT, capture_output=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 model + ChatML tokenizer built locally (no hub)."""
+    from prepare.tiny_model import build_tiny_model
+
+    return Path(build_tiny_model(tmp_path_factory.mktemp("tiny_model"), seed=0))
