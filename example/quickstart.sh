@@ -16,8 +16,8 @@ $PY prepare/prepare_data.py --mode simple --out "$DATA"
 $PY -m prepare.tiny_model "$OUT/tiny_model"
 
 ALL="$DATA/train.parquet,$DATA/test.parquet"
-$PY -m recipe.rollout data="$ALL" policy=reference out_dir="$OUT/reference" "$@"
-$PY -m recipe.rollout data="$ALL" policy=empty out_dir="$OUT/empty" "$@"
+$PY -m recipe.rollout data="$ALL" policy=reference model_path="$OUT/tiny_model" out_dir="$OUT/reference" "$@"
+$PY -m recipe.rollout data="$ALL" policy=empty model_path="$OUT/tiny_model" out_dir="$OUT/empty" "$@"
 $PY -m recipe.rollout data="$DATA/test.parquet" policy=model model_path="$OUT/tiny_model" \
     out_dir="$OUT/tiny_model_run" "$@"
 

@@ -1,0 +1,50 @@
+"""`python -m recipe.rollout`: the command users run, as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "recipe.rollout", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_reference_run_writes_trajectories_predictions_and_summary(simple_tasks_dir, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    data = f"{simple_tasks_dir / 'train.parquet'},{simple_tasks_dir / 'test.parquet'}"
+    proc = run_cli(f"data={data}", "policy=reference", f"model_path={tiny_model_dir}", f"out_dir={out}",
+                   "limit=3", "n=2", "concurrency=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resolved=6 (100.0%)" in proc.stdout
+
+    records = [json.loads(line) for line in (out / "trajectories.jsonl").read_text().splitlines()]
+    assert len(records) == 6
+    for record in records:
+        assert record["exit_status"] == "submitted" and record["resolved"] and record["reward"] == 1.0
+        assert record["response_mask_len"] == record["response_tokens"] == record["logprobs_len"]
+        assert record["messages"][0]["role"] == "system"
+
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert {tuple(sorted(p)) for p in predictions} == {("instance_id", "model_name_or_path", "model_patch")}
+    assert all(p["model_patch"].startswith("diff --git") for p in predictions)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["all"]["n"] == 6 and summary["all"]["resolved_rate"] == 1.0
+    assert summary["by_data_source"]["swe_simple"]["exit_status"] == {"submitted": 6}
+
+
+def test_unknown_option_fails_with_its_name(tmp_path):
+    proc = run_cli("concurency=2", f"out_dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "concurency" in proc.stderr
