@@ -74,7 +74,6 @@ def read_rows(path: str, limit: int | None) -> list[dict[str, Any]]:
 def make_loop_factory(cfg: RolloutRunConfig):
     """Build what every rollout shares (tokenizer, model backend) and return a loop factory."""
     from transformers import AutoConfig, AutoTokenizer
-    from verl.experimental.agent_loop.agent_loop import DictConfigWrap
 
     from recipe.config import Policy
     from recipe.swe_agent_loop import SWEAgentLoop
@@ -93,24 +92,12 @@ def make_loop_factory(cfg: RolloutRunConfig):
 
         backend = HFLocalBackend(cfg.model_path, device=cfg.device, seed=cfg.seed)
 
-    trainer_config = OmegaConf.create(
-        {
-            "actor_rollout_ref": {
-                "rollout": {"prompt_length": cfg.prompt_length, "response_length": cfg.response_length}
-            },
-            "data": {},
-        }
-    )
-
     def make_loop() -> SWEAgentLoop:
-        return SWEAgentLoop(
-            trainer_config=DictConfigWrap(trainer_config),
-            server_manager=None,
+        return SWEAgentLoop.standalone(
             tokenizer=tokenizer,
-            processor=None,
-            dataset_cls=None,
-            data_config=DictConfigWrap(trainer_config.data),
             hf_model_type=hf_model_type,
+            prompt_length=cfg.prompt_length,
+            response_length=cfg.response_length,
             swe_agent=OmegaConf.to_container(swe_agent),
             backend=backend,
         )

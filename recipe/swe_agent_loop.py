@@ -23,8 +23,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput, register
+from omegaconf import DictConfig, OmegaConf
+from verl.experimental.agent_loop.agent_loop import (
+    AgentLoopBase,
+    AgentLoopMetrics,
+    AgentLoopOutput,
+    DictConfigWrap,
+    register,
+)
 
 from model_proxy.backends.base import GenerationBackend
 from model_proxy.backends.scripted import ScriptedPolicyBackend
@@ -101,6 +107,41 @@ class SWEAgentLoop(AgentLoopBase):
         self.swe_config: SWEAgentConfig = load_swe_agent_config(section, swe_agent)
         self.backend = backend
         self.response_length: int = int(self.rollout_config.response_length)
+
+    @classmethod
+    def standalone(
+        cls,
+        *,
+        tokenizer: Any,
+        hf_model_type: str | None,
+        prompt_length: int,
+        response_length: int,
+        swe_agent: dict[str, Any] | None = None,
+        backend: GenerationBackend | None = None,
+    ) -> SWEAgentLoop:
+        """A loop outside verl's AgentLoopWorker (rollout CLI, evaluation, tests).
+
+        Builds the minimal trainer config ``AgentLoopBase`` reads
+        (``actor_rollout_ref.rollout.{prompt,response}_length`` in tokens, ``data``).
+        With ``policy=model`` a ``backend`` is required (there is no server manager).
+        """
+        cfg = OmegaConf.create(
+            {
+                "actor_rollout_ref": {"rollout": {"prompt_length": prompt_length, "response_length": response_length}},
+                "data": {},
+            }
+        )
+        return cls(
+            trainer_config=DictConfigWrap(cfg),
+            server_manager=None,
+            tokenizer=tokenizer,
+            processor=None,
+            dataset_cls=None,
+            data_config=DictConfigWrap(cfg.data),
+            hf_model_type=hf_model_type,
+            swe_agent=swe_agent,
+            backend=backend,
+        )
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
         """Run one rollout; never raises for task, agent, proxy or grading failures.
@@ -202,6 +243,8 @@ class SWEAgentLoop(AgentLoopBase):
             return ScriptedPolicyBackend(self.tokenizer, [], mode=self.swe_config.agent.mode)
         if self.backend is not None:
             return self.backend
+        if self.server_manager is None:
+            raise ValueError("policy=model needs verl's server manager or a backend (SWEAgentLoop.standalone)")
         return VerlServerBackend(self.server_manager, self.tokenizer)
 
     def _trajectory_path(self, task: SWETask, rollout_id: str) -> str | None:

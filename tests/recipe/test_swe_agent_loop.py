@@ -47,27 +47,14 @@ def sandbox_parent(tmp_path):
     return tmp_path / "sandboxes"
 
 
-def trainer_config(**swe_agent):
-    return OmegaConf.create(
-        {
-            "actor_rollout_ref": {"rollout": {"prompt_length": 8192, "response_length": RESPONSE_LENGTH}},
-            "data": {},
-            "swe_agent": swe_agent,
-        }
-    )
-
-
 def make_loop(tokenizer, sandbox_parent, *, backend=None, **swe_agent) -> SWEAgentLoop:
     swe_agent.setdefault("sandbox", {"parent_dir": str(sandbox_parent)})
-    cfg = trainer_config(**swe_agent)
-    return SWEAgentLoop(
-        trainer_config=DictConfigWrap(cfg),
-        server_manager=None,
+    return SWEAgentLoop.standalone(
         tokenizer=tokenizer,
-        processor=None,
-        dataset_cls=None,
-        data_config=DictConfigWrap(cfg.data),
         hf_model_type="qwen2",
+        prompt_length=8192,
+        response_length=RESPONSE_LENGTH,
+        swe_agent=swe_agent,
         backend=backend,
     )
 
@@ -224,7 +211,14 @@ def test_agent_loop_yaml_instantiates_through_hydra(tokenizer, sandbox_parent):
     """verl's AgentLoopWorker path: hydra.utils.instantiate on the agent-loop YAML entry."""
     entry = OmegaConf.load(CONFIGS / "agent_loop.yaml")[0]
     assert entry.name == "swe_agent"
-    cfg = trainer_config(agent={"step_limit": 7})
+    # The trainer config's `swe_agent` section (a Hydra `+swe_agent.*` override) reaches the loop.
+    cfg = OmegaConf.create(
+        {
+            "actor_rollout_ref": {"rollout": {"prompt_length": 8192, "response_length": RESPONSE_LENGTH}},
+            "data": {},
+            "swe_agent": {"agent": {"step_limit": 7}},
+        }
+    )
     loop = hydra.utils.instantiate(
         {k: v for k, v in entry.items() if k != "name"},
         trainer_config=DictConfigWrap(cfg),
