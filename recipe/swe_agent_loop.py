@@ -16,6 +16,7 @@ session are gone when ``run`` returns or is cancelled.
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 import uuid
@@ -45,14 +46,15 @@ from sandbox.local import LocalSandbox, SandboxError
 
 logger = logging.getLogger(__name__)
 
-# Marks the reference patch's here-document in the scripted harness check.
-_PATCH_EOF = "SWE_RL_REFERENCE_PATCH_EOF"
-
-
 def reference_commands(task: SWETask) -> list[str]:
-    """Bash commands that apply the task's reference patch, for the scripted harness check."""
-    patch = task.patch if task.patch.endswith("\n") else task.patch + "\n"
-    return [f"git apply --whitespace=nowarn - <<'{_PATCH_EOF}'\n{patch}{_PATCH_EOF}", "git status --short"]
+    """Bash commands that apply the task's reference patch, for the scripted harness check.
+
+    The patch travels base64-encoded on one line, so no content of the patch can end
+    the command early in either agent mode (a here-document terminator, or a line of
+    backticks closing mini-swe-agent's text-mode action block).
+    """
+    encoded = base64.b64encode(task.patch.encode()).decode()
+    return [f"echo {encoded} | base64 -d | git apply --whitespace=nowarn -", "git status --short"]
 
 
 @dataclass

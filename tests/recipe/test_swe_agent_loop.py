@@ -99,6 +99,16 @@ async def test_reference_policy_resolves_every_task(rows, tokenizer, sandbox_par
     assert_nothing_left(outputs, sandbox_parent)
 
 
+async def test_reference_policy_in_text_mode(rows, tokenizer, sandbox_parent):
+    """mini-swe-agent's litellm_textbased class: actions in ```mswea_bash_command blocks."""
+    loop = make_loop(tokenizer, sandbox_parent, policy="reference", agent={"mode": "text"})
+    out = await run_row(loop, rows[0])
+    assert out.extra_fields["exit_status"] == ExitStatus.SUBMITTED.value, out.extra_fields["error"]
+    assert out.extra_fields["resolved"] and out.reward_score == 1.0
+    assert_token_invariants(out)
+    assert_nothing_left([out], sandbox_parent)
+
+
 async def test_empty_policy_resolves_nothing(rows, tokenizer, sandbox_parent):
     outputs = await asyncio.gather(
         *(run_row(make_loop(tokenizer, sandbox_parent, policy="empty"), row) for row in rows[:4])
