@@ -80,6 +80,9 @@ def make_loop_factory(cfg: RolloutRunConfig):
 
     swe_agent = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "swe_agent.yaml"), cfg.swe_agent)
     swe_agent.policy = cfg.policy
+    if not swe_agent.get("trajectory_dir"):
+        # mini-swe-agent's own trajectory file per rollout: out_dir/agent_trajectories/<instance>/<rollout>.traj.json
+        swe_agent.trajectory_dir = str(Path(cfg.out_dir) / "agent_trajectories")
     backend = None
     if cfg.model_path is None:
         from prepare.tiny_model import build_tiny_model

@@ -39,6 +39,9 @@ def test_reference_run_writes_trajectories_predictions_and_summary(simple_tasks_
     assert {tuple(sorted(p)) for p in predictions} == {("instance_id", "model_name_or_path", "model_patch")}
     assert all(p["model_patch"].startswith("diff --git") for p in predictions)
 
+    agent_files = list((out / "agent_trajectories").glob("*/*.traj.json"))
+    assert len(agent_files) == 6  # mini-swe-agent's own trajectory, one per rollout
+
     summary = json.loads((out / "summary.json").read_text())
     assert summary["all"]["n"] == 6 and summary["all"]["resolved_rate"] == 1.0
     assert summary["by_data_source"]["swe_simple"]["exit_status"] == {"submitted": 6}

@@ -150,6 +150,17 @@ async def test_hanging_agent_is_killed_at_rollout_timeout(rows, tokenizer, sandb
     assert_nothing_left([out], sandbox_parent)
 
 
+async def test_crashed_agent_is_an_agent_error_with_a_clean_sandbox(rows, tokenizer, sandbox_parent):
+    # The command's parent is the agent process itself: the agent dies mid-rollout.
+    backend = ScriptedPolicyBackend(tokenizer, ["kill -9 $PPID"], mode="tool_call")
+    out = await run_row(make_loop(tokenizer, sandbox_parent, backend=backend), rows[0])
+    assert out.extra_fields["exit_status"] == ExitStatus.AGENT_ERROR.value
+    assert "without a result" in out.extra_fields["error"]
+    assert out.reward_score == 0.0 and not out.extra_fields["masked"]
+    assert_token_invariants(out)
+    assert_nothing_left([out], sandbox_parent)
+
+
 class FailingBackend:
     """A generation server that breaks on every request."""
 
