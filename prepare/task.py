@@ -60,6 +60,9 @@ class SWETask(BaseModel):
     repo_path: str | None = None
     image_name: str | None = None
     test_cmd: str = DEFAULT_TEST_CMD
+    # Directory put first on PATH for the agent's commands and the grader's test run
+    # (e.g. the bin/ of a per-package virtualenv); None = this interpreter's directory.
+    env_bin: str | None = None
     data_source: str = "swe_simple"
     bug_kind: str = ""
 
@@ -89,10 +92,22 @@ class SWETask(BaseModel):
             pydantic.ValidationError: a required field is missing or malformed.
         """
         data = {k: v for k, v in dict(extra_info).items() if v is not None}
-        for key in ("repo_path", "image_name"):
+        for key in ("repo_path", "image_name", "env_bin"):
             if data.get(key) == "":
                 data[key] = None
         return cls.model_validate(data)
+
+
+def task_path_env(task: SWETask, base: dict[str, str]) -> dict[str, str]:
+    """``base`` with the task's Python first on PATH (``task.env_bin``, else this interpreter's bin dir).
+
+    The agent's ``python``/``pytest`` and the grader's must be the same interpreter.
+    """
+    import os
+    import sys
+
+    first = task.env_bin or os.path.dirname(sys.executable)
+    return {**base, "PATH": os.pathsep.join([first, base.get("PATH", "")])}
 
 
 def load_tasks(path: str) -> list[SWETask]:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from prepare.task import SWETask
+from prepare.task import SWETask, task_path_env
 from reward.patch import PatchError, split_test_changes
 from reward.test_log import TestStatus, parse_pytest_log
 from sandbox.gitrepo import GitError, checkout_copy, git_env
@@ -94,10 +94,9 @@ def _tail(text: str) -> str:
     return text[-_LOG_TAIL_CHARS:]
 
 
-def _test_env() -> dict[str, str]:
-    """Environment for the test run: this interpreter first on PATH, no outside pytest config."""
-    env = dict(os.environ)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+def _test_env(task: SWETask) -> dict[str, str]:
+    """Environment for the test run: the task's Python first on PATH, no outside pytest config."""
+    env = task_path_env(task, dict(os.environ))
     # The copy must stay pristine and the log parseable: no .pyc files, no colour.
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["PY_COLORS"] = "0"
@@ -214,7 +213,7 @@ async def grade_patch(
         if not selected:
             return finish(error="test_error", log_tail="task lists no FAIL_TO_PASS or PASS_TO_PASS tests")
         command = task.test_cmd + " " + " ".join(shlex.quote(name) for name in selected)
-        run = await run_command(command, cwd=repo, env=_test_env(), timeout_s=timeout_s)
+        run = await run_command(command, cwd=repo, env=_test_env(task), timeout_s=timeout_s)
         outcomes = parse_pytest_log(run.output)
         result.tests = build_report(outcomes, fail_to_pass, pass_to_pass)
         if run.timed_out:

@@ -14,13 +14,13 @@ map over the network, and ``MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT`` lowers its
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prepare.task import task_path_env
 from recipe.config import AgentSettings
 from recipe.outcome import ExitStatus, from_mini_swe_agent
 from recipe.runners.spec import RunnerResult, RunnerSpec
@@ -55,9 +55,8 @@ class AgentRun:
 
 def agent_environment(sandbox: LocalSandbox, settings: AgentSettings) -> dict[str, str]:
     """The subprocess environment: the sandbox's (with its rollout marker) plus unattended-run settings."""
-    env = sandbox.env()
-    # `python`/`pytest` in the agent's commands must be this interpreter's.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # `python`/`pytest` in the agent's commands must be the grader's interpreter.
+    env = task_path_env(sandbox.task, sandbox.env())
     env.update(
         MSWEA_CONFIGURED="true",
         MSWEA_SILENT_STARTUP="1",
