@@ -7,9 +7,11 @@ Arguments are OmegaConf dot-list overrides of ``RolloutRunConfig`` (defaults in
 ``configs/rollout.yaml``); ``swe_agent.*`` keys override the agent-loop section
 (``configs/swe_agent.yaml``). An unknown key fails with its name.
 
-Writes to ``out_dir``: ``trajectories.jsonl`` (one ``TrajectoryRecord`` per
-rollout), ``predictions.jsonl`` (SWE-bench format), ``summary.json``, and prints
-the summary per data source.
+Writes to ``out_dir`` the same layout as training's ``swe_agent.trajectory_dir``:
+``rollouts/step_*.jsonl`` (one ``TrajectoryRecord`` per rollout),
+``<instance_id>/<rollout_id>.traj.json`` (mini-swe-agent's own trajectory), plus
+``predictions.jsonl`` (SWE-bench format) and ``summary.json``; prints the summary
+per data source.
 """
 
 from __future__ import annotations
@@ -81,8 +83,8 @@ def make_loop_factory(cfg: RolloutRunConfig):
     swe_agent = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "swe_agent.yaml"), cfg.swe_agent)
     swe_agent.policy = cfg.policy
     if not swe_agent.get("trajectory_dir"):
-        # mini-swe-agent's own trajectory file per rollout: out_dir/agent_trajectories/<instance>/<rollout>.traj.json
-        swe_agent.trajectory_dir = str(Path(cfg.out_dir) / "agent_trajectories")
+        # Same layout as training: out_dir/rollouts/*.jsonl records, out_dir/<instance>/<rollout>.traj.json agent files.
+        swe_agent.trajectory_dir = cfg.out_dir
     backend = None
     if cfg.model_path is None:
         from prepare.tiny_model import build_tiny_model
@@ -143,20 +145,17 @@ async def run_rollouts(cfg: RolloutRunConfig) -> dict[str, Any]:
     jobs = [asyncio.create_task(one(row)) for row in rows for _ in range(cfg.n)]
     records: list[TrajectoryRecord] = []
     try:
-        with open(out_dir / "trajectories.jsonl", "w") as traj_fh, open(out_dir / "predictions.jsonl", "w") as pred_fh:
-            for job in tqdm(asyncio.as_completed(jobs), total=len(jobs), desc=f"rollouts ({cfg.policy})"):
-                record = await job
-                records.append(record)
-                traj_fh.write(record.model_dump_json() + "\n")
-                pred_fh.write(json.dumps(record.prediction(model_name)) + "\n")
-                traj_fh.flush()
-                pred_fh.flush()
+        # The loop itself appends each rollout's record under out_dir/rollouts/.
+        for job in tqdm(asyncio.as_completed(jobs), total=len(jobs), desc=f"rollouts ({cfg.policy})"):
+            records.append(await job)
     finally:
         for job in jobs:
             job.cancel()
         await asyncio.gather(*jobs, return_exceptions=True)
         await ModelProxyServer.stop_shared()
 
+    predictions = "".join(json.dumps(r.prediction(model_name)) + "\n" for r in records)
+    await asyncio.to_thread((out_dir / "predictions.jsonl").write_text, predictions)
     by_source: dict[str, list[TrajectoryRecord]] = {}
     for record in records:
         by_source.setdefault(record.data_source, []).append(record)

@@ -16,6 +16,7 @@ session are gone when ``run`` returns or is cancelled.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
@@ -41,6 +42,7 @@ from prepare.task import SWETask
 from recipe.config import Policy, SWEAgentConfig, load_swe_agent_config
 from recipe.outcome import ExitStatus
 from recipe.runners.mini_swe_agent import AgentRun, run_mini_swe_agent
+from recipe.trajectory import TrajectoryRecord, append_record
 from reward.grading import GradeResult, grade_patch
 from sandbox.local import LocalSandbox, SandboxError
 
@@ -81,6 +83,27 @@ class RolloutInfo:
     total_s: float = 0.0
     grade: dict[str, Any] = field(default_factory=dict)
     messages: list[dict[str, Any]] = field(default_factory=list)
+    # GRPO group (verl's prompt uid; the instance id outside the trainer) and trainer step (-1 outside).
+    group_id: str = ""
+    global_step: int = -1
+
+
+def reward_extra_info(extra: dict[str, Any]) -> dict[str, float]:
+    """Numeric per-rollout facts for verl's ``reward_extra_info`` (same keys every time).
+
+    verl averages these in validation metrics, and its DAPO group filter
+    (``algorithm.filter_groups.metric``) can read any of them, e.g. ``resolved``.
+    """
+    info = {
+        "resolved": float(extra["resolved"]),
+        "masked": float(extra["masked"]),
+        "num_llm_calls": float(extra["num_llm_calls"]),
+        "generation_s": float(extra["generation_s"]),
+        "tool_s": float(extra["tool_s"]),
+    }
+    for status in ExitStatus:
+        info[f"exit_{status.value}"] = float(extra["exit_status"] == status.value)
+    return info
 
 
 @register("swe_agent")
@@ -148,14 +171,32 @@ class SWEAgentLoop(AgentLoopBase):
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
         """Run one rollout; never raises for task, agent, proxy or grading failures.
 
+        ``kwargs`` are the dataset row's fields (``raw_prompt``, ``extra_info``...) plus,
+        under verl's trainer, ``uid`` (the GRPO group) and ``global_steps``.
+
         Returns:
             AgentLoopOutput with ``len(response_ids) == len(response_mask) ==
-            len(response_logprobs) <= rollout.response_length`` and the
-            ``RolloutInfo`` fields in ``extra_fields``.
+            len(response_logprobs) <= rollout.response_length``, the ``RolloutInfo``
+            fields in ``extra_fields`` and ``extra_fields["reward_extra_info"]``.
+            With ``trajectory_dir`` set, the rollout's ``TrajectoryRecord`` is
+            appended to ``trajectory_dir/rollouts/step_<global_step>.<pid>.jsonl``.
 
         Raises:
             asyncio.CancelledError: after the sandbox and session are cleaned up.
         """
+        output = await self._rollout(sampling_params, **kwargs)
+        extra = output.extra_fields
+        extra["group_id"] = str(kwargs.get("uid") or extra["instance_id"])
+        extra["global_step"] = int(kwargs.get("global_steps", -1))
+        extra["reward_extra_info"] = reward_extra_info(extra)
+        if self.swe_config.trajectory_dir:
+            record = TrajectoryRecord.from_output(
+                output, data_source=str(kwargs.get("data_source", "")), policy=self.swe_config.policy
+            )
+            await asyncio.to_thread(append_record, Path(self.swe_config.trajectory_dir), record)
+        return output
+
+    async def _rollout(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
         start = time.monotonic()
         info = RolloutInfo(rollout_id=uuid.uuid4().hex)
         raw_prompt = list(kwargs.get("raw_prompt") or [])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import statistics
-from collections import Counter
+from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -36,6 +38,8 @@ class TrajectoryRecord(BaseModel):
     error: str
     grade: dict[str, Any] = Field(default_factory=dict)
     messages: list[dict[str, Any]] = Field(default_factory=list)
+    group_id: str = ""  # GRPO group: rollouts of the same prompt
+    global_step: int = -1  # trainer step; -1 outside training
 
     @classmethod
     def from_output(cls, output: AgentLoopOutput, *, data_source: str, policy: str) -> TrajectoryRecord:
@@ -65,11 +69,37 @@ class TrajectoryRecord(BaseModel):
             error=extra["error"],
             grade=extra["grade"],
             messages=extra["messages"],
+            group_id=extra.get("group_id") or extra["instance_id"],
+            global_step=int(extra.get("global_step", -1)),
         )
 
     def prediction(self, model_name: str) -> dict[str, str]:
         """This rollout as a SWE-bench prediction (``instance_id``, ``model_name_or_path``, ``model_patch``)."""
         return {"instance_id": self.instance_id, "model_name_or_path": model_name, "model_patch": self.patch}
+
+
+def append_record(trajectory_dir: Path, record: TrajectoryRecord) -> Path:
+    """Append ``record`` to ``trajectory_dir/rollouts/step_<global_step>.<pid>.jsonl``; returns the file.
+
+    One file per step and process: verl runs several agent-loop workers, and
+    appends from different processes to one file could interleave. Blocking:
+    call it from a worker thread in async code.
+    """
+    folder = trajectory_dir / "rollouts"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{max(record.global_step, 0):06d}.{os.getpid()}.jsonl"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(record.model_dump_json() + "\n")
+    return path
+
+
+def load_records(trajectory_dir: Path) -> list[TrajectoryRecord]:
+    """All records under ``trajectory_dir/rollouts`` (see ``append_record``)."""
+    records = []
+    for path in sorted((trajectory_dir / "rollouts").glob("step_*.jsonl")):
+        with open(path, encoding="utf-8") as fh:
+            records.extend(TrajectoryRecord.model_validate_json(line) for line in fh if line.strip())
+    return records
 
 
 class RunSummary(BaseModel):
@@ -87,6 +117,12 @@ class RunSummary(BaseModel):
     mean_generation_s: float
     mean_tool_s: float
     mean_total_s: float
+    # GRPO groups (rollouts sharing group_id; only groups of 2+ count): a group whose
+    # rollouts all got the same reward has zero advantage and teaches nothing.
+    groups: int = 0
+    uniform_groups: int = 0
+    uniform_resolved_groups: int = 0
+    uniform_unresolved_groups: int = 0
 
     @classmethod
     def of(cls, records: list[TrajectoryRecord]) -> RunSummary:
@@ -94,6 +130,11 @@ class RunSummary(BaseModel):
             return round(statistics.fmean(values), 4) if values else 0.0
 
         resolved = sum(r.resolved for r in records)
+        rewards_by_group: dict[str, list[float]] = defaultdict(list)
+        for r in records:
+            rewards_by_group[r.group_id or r.instance_id].append(r.reward)
+        groups = [rewards for rewards in rewards_by_group.values() if len(rewards) > 1]
+        uniform = [rewards for rewards in groups if len(set(rewards)) == 1]
         return cls(
             n=len(records),
             resolved=resolved,
@@ -107,7 +148,34 @@ class RunSummary(BaseModel):
             mean_generation_s=mean([r.generation_s for r in records]),
             mean_tool_s=mean([r.tool_s for r in records]),
             mean_total_s=mean([r.total_s for r in records]),
+            groups=len(groups),
+            uniform_groups=len(uniform),
+            uniform_resolved_groups=sum(rewards[0] > 0 for rewards in uniform),
+            uniform_unresolved_groups=sum(rewards[0] <= 0 for rewards in uniform),
         )
+
+    def as_metrics(self, prefix: str = "swe") -> dict[str, float]:
+        """Flat scalar metrics (``swe/resolved_rate``, ``swe/exit/<status>``...) for a logger."""
+        from recipe.outcome import ExitStatus
+
+        metrics = {
+            f"{prefix}/rollouts": float(self.n),
+            f"{prefix}/resolved_rate": self.resolved_rate,
+            f"{prefix}/masked_frac": self.masked / self.n if self.n else 0.0,
+            f"{prefix}/mean_turns": self.mean_turns,
+            f"{prefix}/mean_llm_calls": self.mean_llm_calls,
+            f"{prefix}/mean_response_tokens": self.mean_response_tokens,
+            f"{prefix}/mean_sampled_tokens": self.mean_sampled_tokens,
+            f"{prefix}/mean_generation_s": self.mean_generation_s,
+            f"{prefix}/mean_tool_s": self.mean_tool_s,
+            f"{prefix}/mean_total_s": self.mean_total_s,
+            f"{prefix}/grpo_groups": float(self.groups),
+            f"{prefix}/grpo_uniform_groups": float(self.uniform_groups),
+            f"{prefix}/grpo_uniform_frac": self.uniform_groups / self.groups if self.groups else 0.0,
+        }
+        for status in ExitStatus:
+            metrics[f"{prefix}/exit/{status.value}"] = float(self.exit_status.get(status.value, 0))
+        return metrics
 
     def lines(self, title: str) -> list[str]:
         """Human-readable summary lines."""
@@ -119,4 +187,6 @@ class RunSummary(BaseModel):
             f"response tokens={self.mean_response_tokens:.0f} sampled tokens={self.mean_sampled_tokens:.0f}",
             f"[{title}] mean seconds: llm={self.mean_generation_s:.2f} tools={self.mean_tool_s:.2f} "
             f"total={self.mean_total_s:.2f}",
+            f"[{title}] GRPO groups={self.groups} uniform-reward (zero advantage)={self.uniform_groups} "
+            f"(all resolved {self.uniform_resolved_groups}, none resolved {self.uniform_unresolved_groups})",
         ]

@@ -27,8 +27,10 @@ def test_reference_run_writes_trajectories_predictions_and_summary(simple_tasks_
                    "limit=3", "n=2", "concurrency=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resolved=6 (100.0%)" in proc.stdout
+    assert "GRPO groups=3 uniform-reward (zero advantage)=3 (all resolved 3" in proc.stdout
 
-    records = [json.loads(line) for line in (out / "trajectories.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for path in (out / "rollouts").glob("step_*.jsonl")
+               for line in path.read_text().splitlines()]
     assert len(records) == 6
     for record in records:
         assert record["exit_status"] == "submitted" and record["resolved"] and record["reward"] == 1.0
@@ -39,12 +41,19 @@ def test_reference_run_writes_trajectories_predictions_and_summary(simple_tasks_
     assert {tuple(sorted(p)) for p in predictions} == {("instance_id", "model_name_or_path", "model_patch")}
     assert all(p["model_patch"].startswith("diff --git") for p in predictions)
 
-    agent_files = list((out / "agent_trajectories").glob("*/*.traj.json"))
+    agent_files = list(out.glob("*/*.traj.json"))
     assert len(agent_files) == 6  # mini-swe-agent's own trajectory, one per rollout
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["all"]["n"] == 6 and summary["all"]["resolved_rate"] == 1.0
     assert summary["by_data_source"]["swe_simple"]["exit_status"] == {"submitted": 6}
+
+    metrics = subprocess.run([sys.executable, "-m", "recipe.metrics", str(out), "--out", str(out / "m.jsonl")],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert metrics.returncode == 0, metrics.stderr
+    step = json.loads((out / "m.jsonl").read_text().splitlines()[0])
+    assert step["swe/rollouts"] == 6 and step["swe/resolved_rate"] == 1.0 and step["swe/exit/submitted"] == 6
+    assert step["swe/grpo_uniform_groups"] == 3
 
 
 def test_unknown_option_fails_with_its_name(tmp_path):
