@@ -212,6 +212,35 @@ async def test_cancelled_rollout_leaves_no_process_or_sandbox(rows, tokenizer, s
         assert find_marked_processes(rollout_id) == []
 
 
+class BlockingBackend:
+    """A generation server that never answers (a slow GPU batch): the rollout is cancelled mid-generation."""
+
+    def __init__(self):
+        self.entered = asyncio.Event()
+
+    async def generate(self, request_id, prompt_ids, sampling_params) -> GenerationOutput:
+        self.entered.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_cancelled_mid_generation_leaves_no_process_sandbox_or_session(rows, tokenizer, sandbox_parent):
+    backend = BlockingBackend()
+    job = asyncio.create_task(run_row(make_loop(tokenizer, sandbox_parent, backend=backend), rows[0]))
+    await asyncio.wait_for(backend.entered.wait(), timeout=120)
+    proxy = await ModelProxyServer.shared()
+    assert proxy.num_sessions == 1
+    rollout_ids = await asyncio.to_thread(_rollouts_running, "python")  # the agent process itself
+    assert rollout_ids
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    assert proxy.num_sessions == 0
+    assert list(sandbox_parent.iterdir()) == []
+    for rollout_id in rollout_ids:
+        assert find_marked_processes(rollout_id) == []
+
+
 def _rollouts_running(program: str) -> set[str]:
     """Rollout ids of marked processes whose command line starts with ``program``."""
     import psutil
@@ -223,7 +252,7 @@ def _rollouts_running(program: str) -> set[str]:
             rollout = proc.environ().get("SWE_ROLLOUT_ID")
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if rollout and cmd and cmd[0] == program:
+        if rollout and cmd and Path(cmd[0]).name.startswith(program):
             found.add(rollout)
     return found
 
