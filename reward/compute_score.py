@@ -2,26 +2,59 @@
 
 Configure with ``custom_reward_function.path=reward/compute_score.py``
 ``custom_reward_function.name=compute_score``; keys under
-``custom_reward_function.reward_kwargs`` arrive as ``**kwargs`` (``timeout_s``).
+``custom_reward_function.reward_kwargs`` arrive as ``**kwargs``: the fields of
+``reward.config.RewardConfig`` (``variant``, ``timeout_s``, ``max_patch_bytes``,
+``allow_binary``, ``network``) plus ``work_root`` and ``use_cache``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prepare.task import SWETask
-from reward.grading import GradeResult, grade_patch
+from reward.config import RewardConfig
+from reward.grader import Grader
+from reward.grading import GradeResult
 
 # The extra_info key an agent loop may fill (through AgentLoopOutput.extra_fields,
 # which verl merges into extra_info) with the patch it extracted from the sandbox.
 MODEL_PATCH_KEY = "model_patch"
 
+# verl calls a plain function, so the graders (and their caches) that must outlive
+# one call live here, one per distinct (config, work_root, use_cache); guarded for
+# verl's reward threads. Cleared only with the process.
+_GRADERS: dict[tuple[RewardConfig, str | None, bool], Grader] = {}
+_GRADERS_LOCK = threading.Lock()
 
-def _grade_sync(task: SWETask, patch: str, timeout_s: float, work_root: str | None) -> GradeResult:
+# The keys of every compute_score result (verl needs the same keys every time).
+SCORE_KEYS = (
+    "score",
+    "resolved",
+    "patch_applied",
+    "error",
+    "f2p_pass_fraction",
+    "p2p_broken",
+    "removed_files",
+    "cached",
+)
+
+
+def get_grader(config: RewardConfig, work_root: str | None = None, use_cache: bool = True) -> Grader:
+    """The process-wide grader for these settings (created on first use)."""
+    key = (config, work_root, use_cache)
+    with _GRADERS_LOCK:
+        grader = _GRADERS.get(key)
+        if grader is None:
+            grader = _GRADERS[key] = Grader(config=config, use_cache=use_cache, work_root=work_root)
+        return grader
+
+
+def _grade_sync(grader: Grader, task: SWETask, patch: str) -> GradeResult:
     def run() -> GradeResult:
-        return asyncio.run(grade_patch(task, patch, timeout_s=timeout_s, work_root=work_root, skip_empty=True))
+        return asyncio.run(grader.grade(task, patch, skip_empty=True))
 
     try:
         asyncio.get_running_loop()
@@ -33,6 +66,20 @@ def _grade_sync(task: SWETask, patch: str, timeout_s: float, work_root: str | No
         return pool.submit(run).result()
 
 
+def score_dict(result: GradeResult) -> dict[str, float | str]:
+    """The ``SCORE_KEYS`` dict of a grade: floats, and ``error`` as a string ("" if none)."""
+    return {
+        "score": float(result.reward),
+        "resolved": 1.0 if result.resolved else 0.0,
+        "patch_applied": 1.0 if result.patch_applied else 0.0,
+        "error": result.error or "",
+        "f2p_pass_fraction": float(result.f2p_pass_fraction),
+        "p2p_broken": 1.0 if result.p2p_broken else 0.0,
+        "removed_files": float(result.n_removed),
+        "cached": 1.0 if result.cached else 0.0,
+    }
+
+
 def compute_score(
     data_source: str,
     solution_str: str,
@@ -40,7 +87,7 @@ def compute_score(
     extra_info: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> dict[str, float | str]:
-    """Grade one rollout's patch against the task's hidden tests.
+    """Grade one rollout's patch against the task's hidden tests (or by similarity).
 
     Args:
         data_source: the row's data source (unused; every source is graded alike).
@@ -48,18 +95,23 @@ def compute_score(
             When ``extra_info["model_patch"]`` is a string it is used instead:
             verl passes the decoded response tokens here, which for a multi-turn
             agent is the transcript, not the patch.
-        ground_truth: the reference patch (unused: grading runs the tests).
+        ground_truth: the reference patch (the similarity variant uses the
+            task's ``patch`` from ``extra_info``, which is the same text).
         extra_info: the row's ``extra_info`` (``SWETask.to_extra_info()`` plus
             verl's keys); the task is rebuilt from it.
-        **kwargs: ``timeout_s`` (float, seconds for the test run, default 300),
-            ``work_root`` (str, directory for temporary copies).
+        **kwargs: ``RewardConfig`` fields (``variant``: binary | partial |
+            similarity; ``timeout_s``: seconds per test run, default 300; ...),
+            ``work_root`` (str, directory for temporary copies), ``use_cache``
+            (bool, default True).
 
     Returns:
-        Always the same keys: ``score`` (1.0 resolved / 0.0), ``resolved`` (1.0/0.0),
-        ``patch_applied`` (1.0/0.0), ``error`` (the grade's error class, "" if none).
+        Always the keys of ``SCORE_KEYS``: ``score`` (the variant's reward),
+        ``resolved``, ``patch_applied``, ``p2p_broken``, ``cached`` (1.0/0.0),
+        ``f2p_pass_fraction`` (0..1), ``removed_files`` (count of stripped
+        files), ``error`` (the grade's error class, "" if none).
 
     Raises:
-        ValueError: ``extra_info`` is missing.
+        ValueError: ``extra_info`` is missing, or a reward setting is invalid.
         pydantic.ValidationError: ``extra_info`` does not describe a task.
     """
     if extra_info is None:
@@ -67,12 +119,9 @@ def compute_score(
     task = SWETask.from_extra_info(extra_info)
     candidate = extra_info.get(MODEL_PATCH_KEY)
     patch = candidate if isinstance(candidate, str) else (solution_str or "")
-    timeout_s = float(kwargs.get("timeout_s", 300.0))
-    work_root = kwargs.get("work_root")
-    result = _grade_sync(task, patch, timeout_s, work_root)
-    return {
-        "score": float(result.reward),
-        "resolved": 1.0 if result.resolved else 0.0,
-        "patch_applied": 1.0 if result.patch_applied else 0.0,
-        "error": result.error or "",
-    }
+    config = RewardConfig.from_mapping(kwargs)
+    use_cache = kwargs.get("use_cache", True)
+    if isinstance(use_cache, str):
+        use_cache = use_cache.strip().lower() in ("1", "true", "yes", "on")
+    grader = get_grader(config, kwargs.get("work_root"), bool(use_cache))
+    return score_dict(_grade_sync(grader, task, patch))

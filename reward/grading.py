@@ -1,12 +1,16 @@
 """Grade a model patch the way SWE-bench's harness does, on a pristine repository copy.
 
-Steps (``swebench/harness/run_evaluation.py`` + ``grading.py``): check out the
-task's ``base_commit`` into a fresh temporary copy, apply the model patch (test
-file changes removed), apply the task's ``test_patch`` (the hidden tests), run
-the FAIL_TO_PASS and PASS_TO_PASS tests, read each test's outcome from the log.
-The task counts as resolved when every FAIL_TO_PASS and every PASS_TO_PASS test
-passes (SWE-bench's ``ResolvedStatus.FULL``); the binary reward is 1.0 then,
-else 0.0.
+Steps (``swebench/harness/run_evaluation.py`` + ``grading.py``): reject patches
+that cannot be graded safely (``reward.patch.check_patch``), remove changes to
+protected files (tests, ``conftest.py``, ``pytest.ini``, start-up hooks), check
+out the task's ``base_commit`` into a fresh temporary copy, apply the model
+patch, restore shared config files whose pytest section it changed
+(``reward.runner_config``), apply the task's ``test_patch`` (the hidden tests)
+after it, run the FAIL_TO_PASS and PASS_TO_PASS tests without network
+(``reward.isolation``) under a timeout, and read each test's outcome from the
+log. The task counts as resolved when every FAIL_TO_PASS and every PASS_TO_PASS
+test passes (SWE-bench's ``ResolvedStatus.FULL``); the reward follows
+``RewardConfig.variant`` (``reward.variants``).
 
 The agent's own working copy is never graded: it may hold edited tests, caches
 or processes the agent left behind.
@@ -15,21 +19,31 @@ or processes the agent left behind.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import re
-import shlex
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from prepare.task import SWETask, task_path_env
-from reward.patch import PatchError, split_test_changes
-from reward.test_log import TestStatus, parse_pytest_log
-from sandbox.gitrepo import GitError, checkout_copy, git_env
+from prepare.task import SWETask
+from reward.cache import GradeCache, cache_key
+from reward.config import RewardConfig
+from reward.isolation import NetworkPolicy, grading_env, shell_join
+from reward.patch import (
+    PatchError,
+    changed_paths,
+    check_patch,
+    normalize_patch,
+    split_protected_changes,
+)
+from reward.runner_config import is_shared_config, pytest_settings_changed
+from reward.test_log import TestStatus, is_unittest_command, parse_test_log, unittest_selector
+from reward.variants import UNPARSABLE_SIMILARITY, binary_reward, partial_reward, patch_similarity
+from sandbox.gitrepo import GitError, checkout_copy, git, git_env
 from sandbox.process import run_command
 
 # Error classes a grade can carry (None = the tests ran to completion).
@@ -37,18 +51,28 @@ GradeErrorClass = Literal[
     "empty_patch",  # nothing left to apply (only with skip_empty=True)
     "patch_apply_failed",  # git apply rejected the model patch
     "patch_parse_error",  # the model patch is not a unified diff
-    "timeout",  # the test command ran past timeout_s and was killed
+    "patch_too_large",  # over RewardConfig.max_patch_bytes
+    "binary_patch",  # binary sections (RewardConfig.allow_binary is False)
+    "path_outside_repo",  # absolute / ".." paths, or symlinks pointing out of the repo
+    "timeout",  # the test command ran past the timeout and was killed
     "repo_missing",  # task repository or base_commit not found
+    "workdir_error",  # the temporary copy could not be made (work_root missing, disk full)
     "test_error",  # test patch did not apply, or the test run crashed / ran nothing
 ]
+ERROR_CLASSES: tuple[str, ...] = GradeErrorClass.__args__  # type: ignore[attr-defined]
+# Errors of the grading infrastructure, not of the patch: a trainer should mask
+# these rollouts rather than score them 0 (all others are the patch's fault).
+INFRA_ERROR_CLASSES = frozenset({"repo_missing", "workdir_error"})
 
 # As in SWE-bench's grading (``test_passed``): an expected failure counts as a pass.
 _PASSING = frozenset({TestStatus.PASSED, TestStatus.XFAIL})
 # pytest exit codes 0 (all passed) and 1 (some failed) mean the run completed;
 # 2-5 mean interrupted / internal error / usage error / nothing collected.
+# unittest uses 0 and 1 the same way.
 _COMPLETED_RETURNCODES = frozenset({0, 1})
 _LOG_TAIL_CHARS = 4000
-_GIT_TIMEOUT_S = 60.0
+# Limit for each git command of a grade (clone, checkout, apply), seconds.
+GIT_TIMEOUT_S = 60.0
 
 
 def _empty_report() -> dict[str, dict[str, list[str]]]:
@@ -62,17 +86,26 @@ class GradeResult:
     Attributes:
         instance_id: the task's id.
         resolved: every FAIL_TO_PASS and PASS_TO_PASS test passed.
-        reward: 1.0 if resolved else 0.0.
-        patch_applied: the (test-stripped) model patch applied cleanly; False for
-            an empty patch and when grading stopped before applying it.
+        reward: the variant's reward (``variant``): binary 1.0/0.0, partial in
+            [0, 1], similarity in [-1, 1]; 0.0 whenever ``error`` is set, except
+            similarity's -1.0 for an unparsable patch.
+        patch_applied: the (filtered) model patch applied cleanly; False for an
+            empty patch and when grading stopped before applying it.
         error: None, or the error class (see ``GradeErrorClass``).
         tests: SWE-bench's report shape, ``{"FAIL_TO_PASS": {"success": [...],
-            "failure": [...]}, "PASS_TO_PASS": {...}}``; a test missing from the
+            "failure": [...]}, "PASS_TO_PASS": ...}``; a test missing from the
             log is a failure. Empty lists when no test ran.
-        removed_test_files: paths of test files the model patch touched, whose
-            changes were dropped before applying.
-        duration_s: wall-clock seconds for the whole grade.
+        removed_test_files: every path whose changes were removed before grading
+            (test files, runner configuration, start-up hooks, shared config
+            files whose pytest section changed), in patch order.
+        duration_s: wall-clock seconds for this call (a cache hit is fast).
         log_tail: the last characters of the test (or git) output, for debugging.
+        variant: the reward variant that computed ``reward``.
+        f2p_pass_fraction: FAIL_TO_PASS tests passing / listed (0.0 when none ran).
+        p2p_broken: some PASS_TO_PASS test failed.
+        similarity: SWE-RL patch similarity (only for the similarity variant, else None).
+        cached: the result was shared with an identical patch's grade.
+        network: how the test run was kept off the network ("unshare", "env", or "" if none ran).
     """
 
     instance_id: str
@@ -84,6 +117,22 @@ class GradeResult:
     removed_test_files: list[str] = field(default_factory=list)
     duration_s: float = 0.0
     log_tail: str = ""
+    variant: str = "binary"
+    f2p_pass_fraction: float = 0.0
+    p2p_broken: bool = False
+    similarity: float | None = None
+    cached: bool = False
+    network: str = ""
+
+    @property
+    def n_removed(self) -> int:
+        """How many files' changes were removed before grading."""
+        return len(self.removed_test_files)
+
+    @property
+    def is_infra_error(self) -> bool:
+        """True when the grader, not the patch, failed (see ``INFRA_ERROR_CLASSES``)."""
+        return self.error in INFRA_ERROR_CLASSES
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of all fields."""
@@ -92,20 +141,6 @@ class GradeResult:
 
 def _tail(text: str) -> str:
     return text[-_LOG_TAIL_CHARS:]
-
-
-def _test_env(task: SWETask) -> dict[str, str]:
-    """Environment for the test run: the task's Python first on PATH, no outside pytest config."""
-    env = task_path_env(task, dict(os.environ))
-    # The copy must stay pristine and the log parseable: no .pyc files, no colour.
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    env["PY_COLORS"] = "0"
-    env["NO_COLOR"] = "1"
-    # Settings of an outer pytest (e.g. when grading runs inside a test session)
-    # must not leak into the task's test run.
-    for key in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTHONPATH", "PYTEST_CURRENT_TEST"):
-        env.pop(key, None)
-    return env
 
 
 def build_report(
@@ -130,7 +165,7 @@ async def _apply(repo: Path, patch_text: str, patch_file: Path) -> tuple[bool, s
     result = await run_command(
         ["git", "-C", str(repo), "apply", "--whitespace=nowarn", str(patch_file)],
         env=git_env(),
-        timeout_s=_GIT_TIMEOUT_S,
+        timeout_s=GIT_TIMEOUT_S,
     )
     return result.returncode == 0 and not result.timed_out, result.output
 
@@ -139,27 +174,145 @@ def _unique(names: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _outside(repo: Path, rel: str) -> bool:
+    """True when ``repo/rel`` resolves (through symlinks) outside ``repo``."""
+    root = os.path.realpath(repo)
+    resolved = os.path.realpath(repo / rel)
+    return resolved != root and not resolved.startswith(root + os.sep)
+
+
+async def _restore_runner_config(repo: Path, base_commit: str, paths: list[str]) -> list[str]:
+    """Put back shared config files whose pytest part the patch changed; returns their paths."""
+    restored = []
+    for rel in paths:
+        if not is_shared_config(rel):
+            continue
+        try:
+            before: str | None = await git(repo, "show", f"{base_commit}:{rel}", timeout_s=GIT_TIMEOUT_S)
+        except GitError:
+            before = None  # the file is new
+        target = repo / rel
+        after = await asyncio.to_thread(target.read_text, encoding="utf-8", errors="replace") if target.is_file() else None
+        if not pytest_settings_changed(rel, before, after):
+            continue
+        if before is None:
+            await asyncio.to_thread(target.unlink, missing_ok=True)
+        else:
+            await git(repo, "checkout", base_commit, "--", rel, timeout_s=GIT_TIMEOUT_S)
+        restored.append(rel)
+    return restored
+
+
+def _score(result: GradeResult, variant: str) -> None:
+    """Fill ``resolved``, the F2P/P2P summaries and ``reward`` from ``result.tests``."""
+    tests = result.tests
+    listed = len(tests["FAIL_TO_PASS"]["success"]) + len(tests["FAIL_TO_PASS"]["failure"])
+    result.f2p_pass_fraction = len(tests["FAIL_TO_PASS"]["success"]) / listed if listed else 0.0
+    result.p2p_broken = bool(tests["PASS_TO_PASS"]["failure"])
+    if result.error is not None:
+        result.resolved, result.reward = False, 0.0
+        return
+    result.resolved = binary_reward(tests) == 1.0
+    result.reward = partial_reward(tests) if variant == "partial" else (1.0 if result.resolved else 0.0)
+
+
+async def _run_tests(
+    task: SWETask, patch_text: str, config: RewardConfig, network: NetworkPolicy, work_root: str | None
+) -> GradeResult:
+    """Copy, apply, run; the result's reward is not yet set (``_score`` does it)."""
+    result = GradeResult(instance_id=task.instance_id, variant=config.variant)
+    if not task.repo_path or not Path(task.repo_path).exists():
+        result.error, result.log_tail = "repo_missing", f"task repository not found: {task.repo_path!r}"
+        return result
+    prefix = "grade-" + re.sub(r"[^A-Za-z0-9_.-]", "_", task.instance_id)[:60] + "-"
+    try:
+        tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=prefix, dir=work_root))
+    except OSError as exc:
+        result.error, result.log_tail = "workdir_error", f"cannot create a working directory: {exc}"
+        return result
+    try:
+        repo = tmp / "repo"
+        try:
+            await checkout_copy(task.repo_path, task.base_commit, repo)
+        except (FileNotFoundError, GitError) as exc:
+            result.error, result.log_tail = "repo_missing", _tail(str(exc))
+            return result
+
+        if patch_text:
+            applied, output = await _apply(repo, patch_text, tmp / "model.patch")
+            if not applied:
+                result.error, result.log_tail = "patch_apply_failed", _tail(output)
+                return result
+            result.patch_applied = True
+            paths = changed_paths(patch_text)
+            escaped = [rel for rel in paths if _outside(repo, rel)]
+            if escaped:
+                result.error = "path_outside_repo"
+                result.log_tail = f"patched paths resolve outside the repository: {escaped}"
+                return result
+            if config.protect:
+                result.removed_test_files = await _restore_runner_config(repo, task.base_commit, paths)
+        if task.test_patch.strip():
+            applied, output = await _apply(repo, task.test_patch, tmp / "test.patch")
+            if not applied:
+                result.error, result.log_tail = "test_error", _tail("test_patch did not apply:\n" + output)
+                return result
+
+        fail_to_pass, pass_to_pass = list(task.FAIL_TO_PASS), list(task.PASS_TO_PASS)
+        selected = _unique(fail_to_pass + pass_to_pass)
+        if not selected:
+            result.error, result.log_tail = "test_error", "task lists no FAIL_TO_PASS or PASS_TO_PASS tests"
+            return result
+        if is_unittest_command(task.test_cmd):
+            selected = _unique([unittest_selector(name) for name in selected])
+        argv = await asyncio.to_thread(network.wrap, shell_join(task.test_cmd, selected))
+        result.network = network.effective
+        run = await run_command(argv, cwd=repo, env=grading_env(task), timeout_s=config.timeout_s)
+        outcomes = parse_test_log(run.output, task.test_cmd)
+        result.tests = build_report(outcomes, fail_to_pass, pass_to_pass)
+        result.log_tail = _tail(run.output)
+        if run.timed_out:
+            result.error = "timeout"
+            result.log_tail = _tail(run.output + f"\n[killed after {config.timeout_s:g} s]")
+        elif run.returncode not in _COMPLETED_RETURNCODES or not outcomes:
+            result.error = "test_error"
+        return result
+    finally:
+        # Shielded so a second cancellation cannot skip the cleanup; rmtree
+        # runs in a thread because a repo copy can hold many files.
+        await asyncio.shield(asyncio.to_thread(shutil.rmtree, tmp, ignore_errors=True))
+
+
 async def grade_patch(
     task: SWETask,
     model_patch: str,
     *,
-    timeout_s: float = 300.0,
+    timeout_s: float | None = None,
     work_root: str | None = None,
     skip_empty: bool = False,
+    config: RewardConfig | None = None,
+    network: NetworkPolicy | None = None,
+    cache: GradeCache[GradeResult] | None = None,
 ) -> GradeResult:
-    """Apply ``model_patch`` to a fresh copy of the task repo and run its tests.
+    """Grade ``model_patch`` on a fresh copy of the task repo (see the module docstring).
 
     Args:
         task: the task; needs ``repo_path``, ``base_commit``, ``test_patch``,
-            ``test_cmd`` and FAIL_TO_PASS/PASS_TO_PASS node ids.
-        model_patch: a unified diff (``git diff`` style) against ``base_commit``;
-            changes to test files are removed first (``reward.patch``).
-        timeout_s: wall-clock limit in seconds for the test command.
+            ``test_cmd`` (pytest, or ``python -m unittest``) and
+            FAIL_TO_PASS/PASS_TO_PASS names.
+        model_patch: a unified diff (``git diff`` style) against ``base_commit``.
+        timeout_s: wall-clock limit in seconds for the test command; None =
+            ``config.timeout_s`` (300 s by default).
         work_root: directory for the temporary copy (default: the system temp dir).
-        skip_empty: when the patch is empty after removing test changes, return
-            error "empty_patch" without running the tests. By default the tests
-            run anyway, which is how task validation checks that FAIL_TO_PASS
-            fails at ``base_commit``.
+        skip_empty: when the patch is empty after filtering, return error
+            "empty_patch" without running the tests. By default the tests run
+            anyway, which is how task validation checks that FAIL_TO_PASS fails
+            at ``base_commit``.
+        config: reward settings (``RewardConfig()`` when None).
+        network: the network policy to use (one per grader, so the namespace
+            probe runs once); None = a new ``NetworkPolicy(config.network)``.
+        cache: share grades of identical filtered patches of the same instance
+            (``reward.cache``); use one cache per (config, task set).
 
     Returns:
         A ``GradeResult``. Bad patches, missing repositories, timeouts and test
@@ -171,58 +324,55 @@ async def grade_patch(
         asyncio.CancelledError: propagated after cleanup.
     """
     start = time.monotonic()
-    result = GradeResult(instance_id=task.instance_id)
+    config = config or RewardConfig()
+    if timeout_s is not None and timeout_s != config.timeout_s:
+        config = RewardConfig(**{**asdict(config), "timeout_s": float(timeout_s)})
+    network = network or NetworkPolicy(config.network)
+    result = GradeResult(instance_id=task.instance_id, variant=config.variant)
 
-    def finish(**updates: Any) -> GradeResult:
-        for key, value in updates.items():
-            setattr(result, key, value)
-        result.duration_s = time.monotonic() - start
-        return result
+    def finish(res: GradeResult) -> GradeResult:
+        res.duration_s = time.monotonic() - start
+        return res
+
+    if config.variant == "similarity":
+        # The size limit still applies: SequenceMatcher is quadratic in the worst case.
+        size = len(model_patch.encode("utf-8", errors="replace"))
+        if size > config.max_patch_bytes:
+            result.error = "patch_too_large"
+            result.log_tail = f"patch is {size} bytes, over the limit of {config.max_patch_bytes} bytes"
+            return finish(result)
+        result.similarity = patch_similarity(model_patch, task.patch)
+        result.reward = result.similarity
+        if result.similarity == UNPARSABLE_SIMILARITY:
+            result.error = "patch_parse_error"
+        elif not model_patch.strip():
+            result.error = "empty_patch"
+        return finish(result)
 
     try:
-        patch_text, removed = split_test_changes(model_patch)
+        check_patch(model_patch, max_bytes=config.max_patch_bytes, allow_binary=config.allow_binary)
+        if config.protect:
+            patch_text, removed = split_protected_changes(model_patch)
+        else:
+            patch_text, removed = (model_patch if model_patch.strip() else ""), []
     except PatchError as exc:
-        return finish(error="patch_parse_error", log_tail=_tail(str(exc)))
-    result.removed_test_files = removed
+        result.error, result.log_tail = exc.error_class, _tail(str(exc))  # type: ignore[assignment]
+        return finish(result)
     if skip_empty and not patch_text:
-        return finish(error="empty_patch")
-    if not task.repo_path or not Path(task.repo_path).exists():
-        return finish(error="repo_missing", log_tail=f"task repository not found: {task.repo_path!r}")
+        result.removed_test_files, result.error = removed, "empty_patch"
+        return finish(result)
 
-    prefix = "grade-" + re.sub(r"[^A-Za-z0-9_.-]", "_", task.instance_id)[:60] + "-"
-    tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=prefix, dir=work_root))
-    try:
-        repo = tmp / "repo"
-        try:
-            await checkout_copy(task.repo_path, task.base_commit, repo)
-        except (FileNotFoundError, GitError) as exc:
-            return finish(error="repo_missing", log_tail=_tail(str(exc)))
+    async def compute() -> GradeResult:
+        graded = await _run_tests(task, patch_text, config, network, work_root)
+        _score(graded, config.variant)
+        return graded
 
-        if patch_text:
-            applied, output = await _apply(repo, patch_text, tmp / "model.patch")
-            if not applied:
-                return finish(error="patch_apply_failed", log_tail=_tail(output))
-            result.patch_applied = True
-        if task.test_patch.strip():
-            applied, output = await _apply(repo, task.test_patch, tmp / "test.patch")
-            if not applied:
-                return finish(error="test_error", log_tail=_tail("test_patch did not apply:\n" + output))
-
-        fail_to_pass, pass_to_pass = list(task.FAIL_TO_PASS), list(task.PASS_TO_PASS)
-        selected = _unique(fail_to_pass + pass_to_pass)
-        if not selected:
-            return finish(error="test_error", log_tail="task lists no FAIL_TO_PASS or PASS_TO_PASS tests")
-        command = task.test_cmd + " " + " ".join(shlex.quote(name) for name in selected)
-        run = await run_command(command, cwd=repo, env=_test_env(task), timeout_s=timeout_s)
-        outcomes = parse_pytest_log(run.output)
-        result.tests = build_report(outcomes, fail_to_pass, pass_to_pass)
-        if run.timed_out:
-            return finish(error="timeout", log_tail=_tail(run.output + f"\n[killed after {timeout_s:g} s]"))
-        if run.returncode not in _COMPLETED_RETURNCODES or not outcomes:
-            return finish(error="test_error", log_tail=_tail(run.output))
-        resolved = not any(result.tests[key]["failure"] for key in ("FAIL_TO_PASS", "PASS_TO_PASS"))
-        return finish(resolved=resolved, reward=1.0 if resolved else 0.0, log_tail=_tail(run.output))
-    finally:
-        # Shielded so a second cancellation cannot skip the cleanup; rmtree
-        # runs in a thread because a repo copy can hold many files.
-        await asyncio.shield(asyncio.to_thread(shutil.rmtree, tmp, ignore_errors=True))
+    if cache is None:
+        graded, shared = await compute(), False
+    else:
+        key = cache_key(task.instance_id, normalize_patch(patch_text))
+        graded, shared = await cache.get_or_compute(key, compute)
+        graded = copy.deepcopy(graded)  # callers may mutate their result
+    graded.cached = shared
+    graded.removed_test_files = removed + graded.removed_test_files
+    return finish(graded)

@@ -183,3 +183,103 @@ async def test_collection_error_is_test_error(calc_task):
     assert result.error == "test_error" and not result.resolved
     assert set(result.tests["FAIL_TO_PASS"]["failure"]) == set(calc_task.FAIL_TO_PASS)
 
+
+
+# -- bad patches: rejected before anything runs ---------------------------------------------
+
+
+def _symlink_patch(path: str, target: str) -> str:
+    return (
+        f"diff --git a/{path} b/{path}\nnew file mode 120000\n--- /dev/null\n+++ b/{path}\n"
+        f"@@ -0,0 +1 @@\n+{target}\n\\ No newline at end of file\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "patch_factory, error",
+    [
+        (lambda ref: ref + new_file_patch("../outside.py", "x = 1\n"), "path_outside_repo"),
+        (lambda ref: ref.replace("a/calc/ops.py", "a/calc/../../ops.py"), "path_outside_repo"),
+        (lambda ref: "--- /dev/null\n+++ /tmp/evil.py\n@@ -0,0 +1 @@\n+x = 1\n", "path_outside_repo"),
+        (lambda ref: ref + _symlink_patch("calc/etc", "/etc"), "path_outside_repo"),
+        (lambda ref: ref + _symlink_patch("calc/up", "../../.."), "path_outside_repo"),
+        (lambda ref: ref + "diff --git a/calc/x.bin b/calc/x.bin\nindex 1..2 100644\n"
+                     "Binary files a/calc/x.bin and b/calc/x.bin differ\n", "binary_patch"),
+        (lambda ref: ref + new_file_patch("calc/data.py", "x = 1\n" * 300), "patch_too_large"),
+    ],
+    ids=["dotdot-new-file", "dotdot-in-header", "absolute", "symlink-absolute", "symlink-up", "binary", "too-large"],
+)
+async def test_unsafe_patches_are_rejected(calc_task, tmp_path, patch_factory, error):
+    from reward.config import RewardConfig
+
+    patch = patch_factory(calc_task.patch)
+    result = await grade_patch(calc_task, patch, work_root=str(tmp_path), config=RewardConfig(max_patch_bytes=1500))
+    assert result.error == error, result.log_tail
+    assert result.reward == 0.0 and not result.resolved and not result.patch_applied
+    assert list(tmp_path.iterdir()) == []  # rejected before any copy was made
+
+
+async def test_symlink_inside_repo_is_fine(calc_task):
+    result = await grade_patch(calc_task, calc_task.patch + _symlink_patch("calc/alias.py", "ops.py"))
+    assert result.resolved, result.log_tail
+
+
+async def test_binary_allowed_when_configured(calc_task):
+    from reward.config import RewardConfig
+    from test_evaluate import _binary_patch
+
+    result = await grade_patch(calc_task, calc_task.patch + _binary_patch(calc_task), config=RewardConfig(allow_binary=True))
+    assert result.resolved and result.error is None, result.log_tail
+
+
+# -- the test run is off the network ------------------------------------------------------------
+
+NET_TEST = """\
+import errno
+import os
+import socket
+
+
+def test_no_route_out():
+    s = socket.socket()
+    s.settimeout(5)
+    assert s.connect_ex(("192.0.2.1", 80)) in (errno.ENETUNREACH, errno.EHOSTUNREACH)
+
+
+def test_loopback_works():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    client = socket.create_connection(server.getsockname(), timeout=5)
+    client.close()
+
+
+def test_proxies_point_nowhere():
+    assert os.environ["https_proxy"] == "http://127.0.0.1:9" and os.environ["PIP_NO_INDEX"] == "1"
+"""
+
+
+async def test_tests_run_without_network(calc_task):
+    from reward.isolation import NetworkPolicy
+
+    policy = NetworkPolicy("auto")
+    if policy.effective != "unshare":
+        pytest.skip("unprivileged network namespaces are not available here: only the env-level block applies")
+    task = calc_task.model_copy(update={
+        "test_patch": calc_task.test_patch + new_file_patch("tests/test_net.py", NET_TEST),
+        "FAIL_TO_PASS": ["tests/test_net.py::test_no_route_out", "tests/test_net.py::test_loopback_works",
+                         "tests/test_net.py::test_proxies_point_nowhere"],
+    })
+    result = await grade_patch(task, calc_task.patch, network=policy, timeout_s=60)
+    assert result.network == "unshare"
+    assert result.resolved, result.log_tail
+    # The same tests with only the env-level block: a raw socket is not stopped by it.
+    env_only = await grade_patch(task, calc_task.patch, network=NetworkPolicy("env"), timeout_s=60)
+    assert env_only.network == "env"
+    assert "tests/test_net.py::test_proxies_point_nowhere" in env_only.tests["FAIL_TO_PASS"]["success"]
+
+
+async def test_unusable_work_root_is_an_infra_error(calc_task, tmp_path):
+    result = await grade_patch(calc_task, calc_task.patch, work_root=str(tmp_path / "missing"))
+    assert result.error == "workdir_error" and result.is_infra_error and result.reward == 0.0
+    assert not (await grade_patch(calc_task, "x", work_root=str(tmp_path))).is_infra_error

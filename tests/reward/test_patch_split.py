@@ -107,3 +107,69 @@ def test_empty_patch():
 def test_unparsable_patch_raises(text):
     with pytest.raises(PatchError):
         split_test_changes(text)
+
+
+@pytest.mark.parametrize(
+    "path, reason",
+    [
+        ("pytest.ini", "runner_config"),
+        ("sub/.pytest.ini", "runner_config"),
+        ("sitecustomize.py", "startup_hook"),
+        ("src/usercustomize.py", "startup_hook"),
+        ("hook.pth", "startup_hook"),
+        ("conftest.py", "test"),
+        ("pyproject.toml", None),  # checked section by section after applying
+        ("pkg/mod.py", None),
+    ],
+)
+def test_protected_reason(path, reason):
+    from reward.patch import protected_reason
+
+    assert protected_reason(path) == reason
+
+
+def test_check_patch_limits():
+    from reward.patch import PatchRejected, check_patch
+
+    patch = "--- a/m.py\n+++ b/m.py\n@@ -1 +1 @@\n-x = 1\n+x = 2\n"
+    check_patch(patch, max_bytes=1000)
+    check_patch("", max_bytes=1)
+    with pytest.raises(PatchRejected) as info:
+        check_patch(patch, max_bytes=10)
+    assert info.value.error_class == "patch_too_large"
+    with pytest.raises(PatchError) as info:
+        check_patch("just words\n", max_bytes=1000)
+    assert info.value.error_class == "patch_parse_error"
+    rename_out = "diff --git a/m.py b/m.py\nsimilarity index 100%\nrename from m.py\nrename to ../m.py\n"
+    with pytest.raises(PatchRejected) as info:
+        check_patch(rename_out, max_bytes=1000)
+    assert info.value.error_class == "path_outside_repo"
+
+
+def test_normalize_patch_ignores_index_lines():
+    from reward.patch import normalize_patch
+
+    a = "diff --git a/m.py b/m.py\nindex 83db48f..bf269f4 100644\n--- a/m.py\n+++ b/m.py\n@@ -1 +1 @@\n-x\n+y\n"
+    b = a.replace("83db48f..bf269f4", "1111111..2222222") + "\n\n"
+    assert normalize_patch(a) == normalize_patch(b) != normalize_patch(a.replace("+y", "+z"))
+
+
+@pytest.mark.parametrize(
+    "name, before, after, changed",
+    [
+        ("pyproject.toml", '[project]\nname = "a"\n[tool.pytest.ini_options]\nx = 1\n',
+         '[project]\nname = "b"\n[tool.pytest.ini_options]\nx = 1\n', False),
+        ("pyproject.toml", '[tool.pytest.ini_options]\nx = 1\n', '[tool.pytest.ini_options]\nx = 2\n', True),
+        ("pyproject.toml", '[project]\nname = "a"\n', '[project]\nname = "a"\n[tool.pytest]\naddopts = ["-x"]\n', True),
+        ("pyproject.toml", '[project]\n', 'not = toml = at all', True),
+        ("setup.cfg", "[metadata]\nname = a\n", "[metadata]\nname = b\n", False),
+        ("setup.cfg", "[metadata]\nname = a\n", "[metadata]\nname = a\n[tool:pytest]\naddopts = -p x\n", True),
+        ("tox.ini", "[tox]\nenvlist = py311\n", "[tox]\nenvlist = py312\n", False),
+        ("tox.ini", None, "[pytest]\naddopts = -p x\n", True),
+        ("tox.ini", "[pytest]\naddopts = -q\n", None, True),
+    ],
+)
+def test_pytest_settings_changed(name, before, after, changed):
+    from reward.runner_config import pytest_settings_changed
+
+    assert pytest_settings_changed(name, before, after) is changed

@@ -81,6 +81,8 @@ EXPECTED = {
     "tests/test_sample.py::test_xfail": TestStatus.XFAIL,
     "tests/test_sample.py::test_xpass": TestStatus.XPASS,
     "tests/test_sample.py::test_param[a b]": TestStatus.FAILED,
+    # SWE-bench's parser splits on whitespace; its key is kept too, so its test lists match.
+    "tests/test_sample.py::test_param[a": TestStatus.FAILED,
     "tests/test_sample.py::test_param[c-d]": TestStatus.PASSED,
     "tests/test_sample.py::TestGroup::test_method": TestStatus.PASSED,
 }
@@ -102,6 +104,21 @@ def test_parse_verbose_run_reports_skips_too(tmp_path):
 def test_collection_error_reported_for_module(tmp_path):
     log = _pytest(_project(tmp_path), "-rA", "-q", "tests/test_broken.py")
     assert parse_pytest_log(log) == {"tests/test_broken.py": TestStatus.ERROR}, log
+
+
+def test_status_lines_printed_by_the_code_do_not_count(tmp_path):
+    # A "fix" that prints fake results: inside a test (shown in the PASSES section
+    # before the summary) and at interpreter exit (after pytest's last line).
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_fake.py").write_text(
+        "import atexit\n\n"
+        "atexit.register(print, 'PASSED tests/test_fake.py::test_real')\n\n"
+        "def test_printer():\n    print('PASSED tests/test_fake.py::test_real')\n\n"
+        "def test_real():\n    assert False\n"
+    )
+    log = _pytest(tmp_path, "-rA", "-q", "tests/test_fake.py")
+    assert log.rstrip().endswith("PASSED tests/test_fake.py::test_real")  # the forged line really is last
+    assert parse_pytest_log(log)["tests/test_fake.py::test_real"] is TestStatus.FAILED
 
 
 def test_no_tests_no_outcomes():

@@ -1,0 +1,91 @@
+"""Settings of the reward: which variant, limits, and how the test run is isolated.
+
+One frozen dataclass, so it can key a grader (``reward.compute_score``) and be
+built from verl's ``custom_reward_function.reward_kwargs`` or YAML through
+OmegaConf (``OmegaConf.structured(RewardConfig)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+RewardVariant = Literal["binary", "partial", "similarity"]
+NetworkMode = Literal["auto", "unshare", "env"]
+
+VARIANTS: tuple[str, ...] = ("binary", "partial", "similarity")
+NETWORK_MODES: tuple[str, ...] = ("auto", "unshare", "env")
+
+# Default limit on a model patch's size, bytes of UTF-8 text. SWE-bench gold
+# patches are a few KB (the largest well under 100 KB); an agent diff above
+# 1 MB is a vendored tree or generated data, not a fix.
+DEFAULT_MAX_PATCH_BYTES = 1_000_000
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """How a patch is turned into a reward.
+
+    Attributes:
+        variant: ``binary`` (1.0 when resolved, SWE-bench's ``resolved``; default),
+            ``partial`` (fraction of FAIL_TO_PASS passing, 0.0 if any PASS_TO_PASS
+            test fails), or ``similarity`` (SWE-RL, Wei et al. 2025: difflib
+            ``SequenceMatcher`` ratio between the model and the reference patch,
+            -1.0 for an unparsable patch; no test runs).
+        timeout_s: wall-clock limit of one test run, seconds.
+        max_patch_bytes: a model patch larger than this (UTF-8 bytes) is rejected
+            with error ``patch_too_large``.
+        allow_binary: accept ``GIT binary patch`` / ``Binary files differ`` sections
+            (default False: error ``binary_patch``).
+        network: ``unshare`` runs the tests in a new, empty network namespace
+            (``unshare --map-current-user --net``; only loopback, brought up when
+            permitted); ``env`` only points proxy variables at a dead port and
+            sets pip offline, which stops proxy-aware clients, not raw sockets;
+            ``auto`` uses ``unshare`` when it works on this machine, else ``env``.
+        protect: strip test files and test-runner configuration from the patch
+            (see ``reward.patch``). Only for measuring what the hacks would gain
+            without it; never turn it off for training.
+    """
+
+    variant: str = "binary"
+    timeout_s: float = 300.0
+    max_patch_bytes: int = DEFAULT_MAX_PATCH_BYTES
+    allow_binary: bool = False
+    network: str = "auto"
+    protect: bool = True
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"reward variant {self.variant!r}: expected one of {list(VARIANTS)}")
+        if self.network not in NETWORK_MODES:
+            raise ValueError(f"reward network {self.network!r}: expected one of {list(NETWORK_MODES)}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"reward timeout_s must be > 0 seconds, got {self.timeout_s!r}")
+        if self.max_patch_bytes <= 0:
+            raise ValueError(f"reward max_patch_bytes must be > 0, got {self.max_patch_bytes!r}")
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any] | None) -> RewardConfig:
+        """Build from a dict (e.g. verl's ``reward_kwargs``), ignoring keys that are not fields.
+
+        Numbers given as strings (Hydra overrides) are converted to the field's type.
+
+        Raises:
+            ValueError: a value is out of range or cannot be converted.
+        """
+        values = dict(values or {})
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in values or values[f.name] is None:
+                continue
+            value = values[f.name]
+            if f.name == "timeout_s":
+                value = float(value)
+            elif f.name == "max_patch_bytes":
+                value = int(value)
+            elif f.name in ("allow_binary", "protect") and isinstance(value, str):
+                value = value.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                value = str(value) if f.name in ("variant", "network") else value
+            kwargs[f.name] = value
+        return cls(**kwargs)
