@@ -33,6 +33,11 @@ class Policy(str, Enum):
 class AgentSettings:
     """The coding agent run as a subprocess per rollout."""
 
+    # "mini_swe_agent" (default, PyPI) or "swe_agent" (SWE-agent 1.x `sweagent run`, installed from source).
+    backend: str = "mini_swe_agent"
+    # SWE-agent deployment: "docker" (one container per rollout) or "local" (writes outside the repo:
+    # not safe for concurrent rollouts).
+    sweagent_deployment: str = "docker"
     # mini-swe-agent model class: "tool_call" (bash tool, function calling) or "text" (litellm_textbased).
     mode: str = "tool_call"
     # Maximum number of LLM calls before the agent stops with step_limit.
@@ -70,10 +75,25 @@ class ProxySettings:
 
 @dataclass
 class RewardSettings:
-    """Hidden-test grading of the extracted patch."""
+    """Hidden-test grading of the extracted patch (see ``reward.config.RewardConfig``)."""
 
-    # Limit for the whole hidden-test run of one rollout, seconds.
+    # "binary" (resolved -> 1.0), "partial" (fraction of FAIL_TO_PASS passing, 0 if a
+    # PASS_TO_PASS test breaks) or "similarity" (SWE-RL patch similarity, no test run).
+    variant: str = "binary"
+    # Limit for the hidden-test run of one rollout, seconds.
     timeout_s: float = 300.0
+    # Larger model patches are rejected (reward 0), bytes.
+    max_patch_bytes: int = 1_000_000
+    # Test-run network isolation: "auto" | "unshare" (empty network namespace) | "env" (proxy vars only).
+    network: str = "auto"
+
+    def to_reward_config(self):
+        """The grader's config; test-file protection is always on in training."""
+        from reward.config import RewardConfig
+
+        return RewardConfig(
+            variant=self.variant, timeout_s=self.timeout_s, max_patch_bytes=self.max_patch_bytes, network=self.network
+        )
 
 
 @dataclass
@@ -105,6 +125,14 @@ class SWEAgentConfig:
         allowed = [p.value for p in Policy]
         if self.policy not in allowed:
             raise ValueError(f"swe_agent.policy={self.policy!r}: expected one of {allowed}")
+        if self.agent.backend not in ("mini_swe_agent", "swe_agent"):
+            raise ValueError(f"swe_agent.agent.backend={self.agent.backend!r}: expected 'mini_swe_agent' or 'swe_agent'")
+        if self.agent.sweagent_deployment not in ("docker", "local"):
+            raise ValueError(
+                f"swe_agent.agent.sweagent_deployment={self.agent.sweagent_deployment!r}: expected 'docker' or 'local'"
+            )
+        if self.reward.variant not in ("binary", "partial", "similarity"):
+            raise ValueError(f"swe_agent.reward.variant={self.reward.variant!r}: expected binary, partial or similarity")
         if self.agent.mode not in ("tool_call", "text"):
             raise ValueError(f"swe_agent.agent.mode={self.agent.mode!r}: expected 'tool_call' or 'text'")
 

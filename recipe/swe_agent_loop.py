@@ -42,8 +42,10 @@ from prepare.task import SWETask
 from recipe.config import Policy, SWEAgentConfig, load_swe_agent_config
 from recipe.outcome import ExitStatus
 from recipe.runners.mini_swe_agent import AgentRun, run_mini_swe_agent
+from recipe.runners.swe_agent import run_swe_agent
 from recipe.trajectory import TrajectoryRecord, append_record
-from reward.grading import GradeResult, grade_patch
+from reward.compute_score import get_grader
+from reward.grading import GradeResult
 from sandbox.local import LocalSandbox, SandboxError
 
 logger = logging.getLogger(__name__)
@@ -214,11 +216,14 @@ class SWEAgentLoop(AgentLoopBase):
         session_id: str | None = None
         session: SessionResult | None = None
         agent: AgentRun | None = None
+        # Which part failed decides the status of an unexpected exception.
+        stage = ExitStatus.SANDBOX_ERROR
         try:
             sandbox = await LocalSandbox.create(
                 task, parent_dir=self.swe_config.sandbox.parent_dir, rollout_id=info.rollout_id
             )
 
+            stage = ExitStatus.PROXY_ERROR
             handle = proxy.open_session(
                 SessionConfig(
                     backend=self._backend_for(task),
@@ -234,28 +239,21 @@ class SWEAgentLoop(AgentLoopBase):
                 )
             )
             session_id = handle.session_id
-            agent = await run_mini_swe_agent(
-                sandbox,
-                task_text=task.problem_statement,
-                api_base=handle.base_url,
-                api_key=handle.api_key,
-                model_name=self.swe_config.proxy.model_name,
-                settings=self.swe_config.agent,
-                trajectory_path=self._trajectory_path(task, info.rollout_id),
-            )
+            stage = ExitStatus.AGENT_ERROR
+            agent = await self._run_agent(sandbox, task, handle.base_url, handle.api_key, info.rollout_id)
             session = proxy.close_session(session_id)
             session_id = None
             info.exit_status = _resolve_status(agent, session).value
             info.agent_exit_status = agent.raw_exit_status
             info.num_llm_calls = agent.n_calls
             info.error = agent.error or (session.error or "")
+            stage = ExitStatus.SANDBOX_ERROR
             info.model_patch = await sandbox.extract_patch()
         except SandboxError as exc:
             info.exit_status = ExitStatus.SANDBOX_ERROR.value
             info.error = str(exc)
             logger.warning("%s", exc)
         except Exception as exc:  # a bug or an infrastructure failure: keep the run going
-            stage = ExitStatus.SANDBOX_ERROR if agent is not None or sandbox is None else ExitStatus.PROXY_ERROR
             info.exit_status = stage.value
             info.error = f"{type(exc).__name__}: {exc}"
             logger.exception("rollout %s of %s failed", info.rollout_id, task.instance_id)
@@ -267,9 +265,11 @@ class SWEAgentLoop(AgentLoopBase):
         if session is None or agent is None:
             return await self._output_without_session(raw_prompt, info, start)
 
-        grade = await grade_patch(task, info.model_patch, timeout_s=self.swe_config.reward.timeout_s, skip_empty=True)
+        # One grader per process and reward config: a GRPO group's identical patches
+        # (often empty) are graded once (reward.cache).
+        grade = await get_grader(self.swe_config.reward.to_reward_config()).grade(task, info.model_patch)
         info.grade = grade.to_dict()
-        if grade.error not in (None, "empty_patch", "patch_apply_failed", "patch_parse_error", "timeout", "test_error"):
+        if grade.is_infra_error:
             info.exit_status = ExitStatus.REWARD_ERROR.value
             info.error = info.error or f"grading failed: {grade.error}"
         info.resolved = grade.resolved
@@ -277,6 +277,21 @@ class SWEAgentLoop(AgentLoopBase):
         return self._output_from_session(session, agent, grade, info, start)
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    async def _run_agent(
+        self, sandbox: LocalSandbox, task: SWETask, api_base: str, api_key: str, rollout_id: str
+    ) -> AgentRun:
+        settings = self.swe_config.agent
+        common = dict(
+            task_text=task.problem_statement,
+            api_base=api_base,
+            api_key=api_key,
+            model_name=self.swe_config.proxy.model_name,
+            settings=settings,
+        )
+        if settings.backend == "swe_agent":
+            return await run_swe_agent(sandbox, image=task.image_name, **common)
+        return await run_mini_swe_agent(sandbox, trajectory_path=self._trajectory_path(task, rollout_id), **common)
 
     def _backend_for(self, task: SWETask) -> GenerationBackend:
         policy = self.swe_config.policy

@@ -21,6 +21,7 @@ from model_proxy.backends.base import GenerationOutput
 from model_proxy.backends.scripted import ScriptedPolicyBackend
 from model_proxy.server import ModelProxyServer
 from recipe.outcome import ExitStatus
+from recipe.runners.swe_agent import sweagent_available
 from recipe.swe_agent_loop import SWEAgentLoop
 from sandbox.local import find_marked_processes
 
@@ -105,6 +106,17 @@ async def test_reference_policy_in_text_mode(rows, tokenizer, sandbox_parent):
     out = await run_row(loop, rows[0])
     assert out.extra_fields["exit_status"] == ExitStatus.SUBMITTED.value, out.extra_fields["error"]
     assert out.extra_fields["resolved"] and out.reward_score == 1.0
+    assert_token_invariants(out)
+    assert_nothing_left([out], sandbox_parent)
+
+
+@pytest.mark.skipif(not sweagent_available(), reason="SWE-agent (`sweagent`) is not installed; it is installed from source")
+async def test_swe_agent_backend_replays_the_reference_patch(rows, tokenizer, sandbox_parent):
+    loop = make_loop(tokenizer, sandbox_parent, policy="reference",
+                     agent={"backend": "swe_agent", "sweagent_deployment": "local"})
+    out = await run_row(loop, rows[0])
+    assert out.extra_fields["exit_status"] == ExitStatus.SUBMITTED.value, out.extra_fields["error"]
+    assert out.extra_fields["resolved"]
     assert_token_invariants(out)
     assert_nothing_left([out], sandbox_parent)
 
@@ -200,7 +212,7 @@ async def test_cancelled_rollout_leaves_no_process_or_sandbox(rows, tokenizer, s
     rollout_ids: set[str] = set()
     for _ in range(300):  # until the agent's `sleep 120` runs in the sandbox (mid-tool-call)
         await asyncio.sleep(0.1)
-        rollout_ids = await asyncio.to_thread(_rollouts_running, "sleep")
+        rollout_ids = await asyncio.to_thread(_rollouts_running, "sleep", sandbox_parent)
         if rollout_ids:
             break
     assert rollout_ids, "the agent never ran its command"
@@ -230,7 +242,7 @@ async def test_cancelled_mid_generation_leaves_no_process_sandbox_or_session(row
     await asyncio.wait_for(backend.entered.wait(), timeout=120)
     proxy = await ModelProxyServer.shared()
     assert proxy.num_sessions == 1
-    rollout_ids = await asyncio.to_thread(_rollouts_running, "python")  # the agent process itself
+    rollout_ids = await asyncio.to_thread(_rollouts_running, "python", sandbox_parent)  # the agent process itself
     assert rollout_ids
     job.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -241,8 +253,11 @@ async def test_cancelled_mid_generation_leaves_no_process_sandbox_or_session(row
         assert find_marked_processes(rollout_id) == []
 
 
-def _rollouts_running(program: str) -> set[str]:
-    """Rollout ids of marked processes whose command line starts with ``program``."""
+def _rollouts_running(program: str, under: Path) -> set[str]:
+    """Rollout ids of marked processes running ``program`` in a sandbox below ``under``.
+
+    Other test runs on the machine may have rollouts of their own: only ours count.
+    """
     import psutil
 
     found = set()
@@ -250,9 +265,10 @@ def _rollouts_running(program: str) -> set[str]:
         try:
             cmd = proc.info["cmdline"] or []
             rollout = proc.environ().get("SWE_ROLLOUT_ID")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            cwd = proc.cwd()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        if rollout and cmd and Path(cmd[0]).name.startswith(program):
+        if rollout and cmd and Path(cmd[0]).name.startswith(program) and cwd.startswith(str(under)):
             found.add(rollout)
     return found
 
