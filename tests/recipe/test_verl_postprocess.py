@@ -9,6 +9,7 @@ stand-in, because the rest cannot run without GPUs.
 """
 
 from __future__ import annotations
+
 from types import SimpleNamespace
 
 import pyarrow.parquet as pq
