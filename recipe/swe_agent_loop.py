@@ -184,9 +184,29 @@ class SWEAgentLoop(AgentLoopBase):
             appended to ``trajectory_dir/rollouts/step_<global_step>.<pid>.jsonl``.
 
         Raises:
-            asyncio.CancelledError: after the sandbox and session are cleaned up.
+            asyncio.CancelledError: after the sandbox and session are cleaned up and the
+                rollout's record is written (status ``rollout_timeout``, error ``cancelled``).
         """
-        output = await self._rollout(sampling_params, **kwargs)
+        start = time.monotonic()
+        info = RolloutInfo(rollout_id=uuid.uuid4().hex)
+        try:
+            output = await self._rollout(info, start, sampling_params, **kwargs)
+        except asyncio.CancelledError:
+            # verl cancels rollouts it timed out or no longer needs: keep the record.
+            info.exit_status = ExitStatus.ROLLOUT_TIMEOUT.value
+            info.error = "cancelled by the trainer"
+            info.masked = True
+            info.total_s = time.monotonic() - start
+            _, response_ids, mask, logprobs = self._placeholder_tokens()
+            output = AgentLoopOutput(prompt_ids=[], response_ids=response_ids, response_mask=mask,
+                                     response_logprobs=logprobs, reward_score=0.0, metrics=AgentLoopMetrics(),
+                                     extra_fields=asdict(info))
+            await asyncio.shield(self._finish(output, kwargs))
+            raise
+        return await self._finish(output, kwargs)
+
+    async def _finish(self, output: AgentLoopOutput, kwargs: dict[str, Any]) -> AgentLoopOutput:
+        """Add the GRPO group, step and ``reward_extra_info``; append the record when asked."""
         extra = output.extra_fields
         extra["group_id"] = str(kwargs.get("uid") or extra["instance_id"])
         extra["global_step"] = int(kwargs.get("global_steps", -1))
@@ -198,9 +218,9 @@ class SWEAgentLoop(AgentLoopBase):
             await asyncio.to_thread(append_record, Path(self.swe_config.trajectory_dir), record)
         return output
 
-    async def _rollout(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
-        start = time.monotonic()
-        info = RolloutInfo(rollout_id=uuid.uuid4().hex)
+    async def _rollout(
+        self, info: RolloutInfo, start: float, sampling_params: dict[str, Any], **kwargs: Any
+    ) -> AgentLoopOutput:
         raw_prompt = list(kwargs.get("raw_prompt") or [])
         try:
             task = SWETask.from_extra_info(kwargs.get("extra_info") or {})

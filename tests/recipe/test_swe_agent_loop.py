@@ -23,6 +23,7 @@ from model_proxy.server import ModelProxyServer
 from recipe.outcome import ExitStatus
 from recipe.runners.swe_agent import sweagent_available
 from recipe.swe_agent_loop import SWEAgentLoop
+from recipe.trajectory import load_records
 from sandbox.local import find_marked_processes
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -238,7 +239,9 @@ class BlockingBackend:
 
 async def test_cancelled_mid_generation_leaves_no_process_sandbox_or_session(rows, tokenizer, sandbox_parent):
     backend = BlockingBackend()
-    job = asyncio.create_task(run_row(make_loop(tokenizer, sandbox_parent, backend=backend), rows[0]))
+    records = sandbox_parent.parent / "records"
+    loop = make_loop(tokenizer, sandbox_parent, backend=backend, trajectory_dir=str(records))
+    job = asyncio.create_task(run_row(loop, rows[0]))
     await asyncio.wait_for(backend.entered.wait(), timeout=120)
     proxy = await ModelProxyServer.shared()
     assert proxy.num_sessions == 1
@@ -251,6 +254,10 @@ async def test_cancelled_mid_generation_leaves_no_process_sandbox_or_session(row
     assert list(sandbox_parent.iterdir()) == []
     for rollout_id in rollout_ids:
         assert find_marked_processes(rollout_id) == []
+    # The cancelled rollout is still on record, with its status.
+    [record] = load_records(records)
+    assert record.exit_status == ExitStatus.ROLLOUT_TIMEOUT.value and record.error == "cancelled by the trainer"
+    assert record.instance_id == rows[0]["extra_info"]["instance_id"] and record.masked
 
 
 def _rollouts_running(program: str, under: Path) -> set[str]:
