@@ -80,6 +80,9 @@ def _validate_for_verl(cfg: DictConfig) -> None:
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
+    from recipe.advantage import register
+
+    register()  # the driver may look the estimator up too
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
 
 

@@ -29,7 +29,8 @@ def test_dry_run_composes_our_loop_reward_and_lengths():
     assert rollout["mode"] == "async" and rollout["name"] == "vllm" and rollout["n"] > 1
     assert rollout["prompt_length"] == cfg["data"]["max_prompt_length"] == 4096
     assert rollout["response_length"] == cfg["data"]["max_response_length"] >= 16384
-    assert cfg["algorithm"]["adv_estimator"] == "grpo"
+    assert cfg["algorithm"]["adv_estimator"] == "grpo_masked"
+    assert cfg["ray_kwargs"]["ray_init"]["runtime_env"]["worker_process_setup_hook"] == "recipe.advantage.register"
     reward_fn = cfg["reward"]["custom_reward_function"]
     assert Path(reward_fn["path"]).is_file() and reward_fn["name"] == "compute_score"
     assert cfg["trainer"]["total_epochs"] == 2 and cfg["trainer"]["n_gpus_per_node"] == 4
