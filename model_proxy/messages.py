@@ -111,9 +111,11 @@ def message_key(message: dict[str, Any]) -> tuple[Any, ...]:
     return (role, text, calls)
 
 
-def first_difference(recorded: list[dict[str, Any]], incoming: list[dict[str, Any]]) -> int | None:
+def first_difference(recorded: list[tuple[Any, ...]] | list[dict[str, Any]], incoming: list[dict[str, Any]]) -> int | None:
     """Index of the first recorded message that ``incoming`` does not reproduce, else None.
 
+    ``recorded`` holds messages or their precomputed ``message_key``s (a session keeps
+    the keys of its record, so each request only computes the keys of what it sent).
     None means ``incoming[:len(recorded)]`` matches ``recorded`` (the incoming history
     extends or equals the recorded one). A shorter ``incoming`` differs at
     ``len(incoming)``.
@@ -121,7 +123,8 @@ def first_difference(recorded: list[dict[str, Any]], incoming: list[dict[str, An
     for index, old in enumerate(recorded):
         if index >= len(incoming):
             return index
-        if message_key(old) != message_key(incoming[index]):
+        old_key = old if isinstance(old, tuple) else message_key(old)
+        if old_key != message_key(incoming[index]):
             return index
     return None
 

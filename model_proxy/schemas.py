@@ -4,7 +4,8 @@ Requests are parsed leniently (``extra="allow"``): agents send keys the proxy do
 not use, e.g. mini-swe-agent echoes assistant messages with
 ``provider_specific_fields``, SWE-agent sends list-form content with
 ``cache_control``; those are accepted and dropped by ``messages.normalize``.
-Responses follow the OpenAI ``chat.completion`` object (non-streaming).
+Responses follow the OpenAI ``chat.completion`` object; streamed answers are
+``chat.completion.chunk`` objects built from it (``server._completion_chunks``).
 Source: OpenAI API reference, "Create chat completion".
 """
 
@@ -62,7 +63,8 @@ class ChatCompletionRequest(_Lenient):
 
     Sampling keys sent by the agent (``temperature``, ``top_p``) are recorded but the
     trainer's sampling parameters win; ``max_tokens`` / ``max_completion_tokens``
-    can only lower the per-turn limit.
+    can only lower the per-turn limit. ``stop`` is recorded, not applied (the
+    trainer's sampling parameters define the policy). ``n`` other than 1 is refused.
     """
 
     model: str | None = None
@@ -75,6 +77,8 @@ class ChatCompletionRequest(_Lenient):
     max_completion_tokens: int | None = None
     n: int | None = None
     stream: bool | None = None
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
 
 
 class ResponseFunction(BaseModel):

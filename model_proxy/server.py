@@ -1,15 +1,25 @@
 """The OpenAI-compatible ModelProxy: one uvicorn server per event loop, many sessions.
 
-Routes (OpenAI chat-completions API, non-streaming):
+Routes (OpenAI chat-completions API):
 
-- ``POST /sessions/{session_id}/v1/chat/completions``
-- ``GET  /sessions/{session_id}/v1/models``
-- ``GET  /health``
+- ``POST /sessions/{session_id}/v1/chat/completions``: JSON answer, or with
+  ``"stream": true`` server-sent events (``chat.completion.chunk`` objects, a final
+  chunk with ``usage`` and ``choices: []``, then ``data: [DONE]``).
+- ``GET  /sessions/{session_id}/v1/models``: the session's model.
+- ``GET  /v1/models``: the model names of the open sessions (no ids, no keys).
+- ``GET  /health``: ``{"status": "ok", "sessions": N}``.
+- ``GET  /metrics``: Prometheus text format (``metrics.py``).
 
 Every session has its own base URL (``handle.base_url``) and API key
 (``Authorization: Bearer <key>``). An unknown session id, a closed session and a
 wrong or missing key all get the same 404 body, so nothing reveals which sessions
-exist. Every error is an OpenAI-style JSON error (``errors.py``).
+exist. Every error is an OpenAI-style JSON error (``errors.py``). Bodies larger than
+``max_request_bytes`` get 413 ``request_too_large`` before they are parsed.
+
+Streaming: backends return whole turns (verl's ``generate`` has no token stream), so
+a streamed answer is generated first and then sent as a few events (role, content,
+tool calls, finish, usage). Every error is therefore still a normal JSON error with
+its status code, never a broken stream.
 
 The server runs as a task on the CURRENT event loop (the one verl's
 ``AgentLoopWorker`` runs every rollout on), listens on loopback only, and never
@@ -21,12 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import secrets
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -34,19 +46,36 @@ from typing import Any, ClassVar
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import ProxyError, error_body, session_not_found
+from .metrics import CONTENT_TYPE, ProxyMetrics
+from .profiling import ProfileWriters
 from .schemas import ChatCompletionRequest
-from .session import ProxySession, SessionConfig, SessionResult, TurnRecord
+from .session import ChatOutcome, ProxySession, Segment, SessionConfig, SessionResult, TurnRecord
 
-__all__ = ["ModelProxyServer", "SessionConfig", "SessionHandle", "SessionResult", "TurnRecord"]
+__all__ = [
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "DEFAULT_PORT_FALLBACK_TRIES",
+    "ModelProxyServer",
+    "Segment",
+    "SessionConfig",
+    "SessionHandle",
+    "SessionResult",
+    "TurnRecord",
+]
 
 logger = logging.getLogger(__name__)
 
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+# Largest accepted request body, bytes. A 128k-token history is ~0.5-1 MB of JSON;
+# 32 MiB leaves room for tool schemas and long observations while refusing garbage.
+DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
+# A configured port that is taken: try the next ports, this many in all (1 = no fallback).
+DEFAULT_PORT_FALLBACK_TRIES = 100
 
 
 @dataclass(frozen=True)
@@ -55,7 +84,7 @@ class SessionHandle:
 
     Attributes:
         session_id: URL-safe random id (192 bits).
-        api_key: per-session secret the agent sends as ``Authorization: Bearer``.
+        api_key: per-session secret (256 bits) the agent sends as ``Authorization: Bearer``.
         base_url: ``f"{server.base_url}/sessions/{session_id}/v1"`` (OpenAI ``base_url`` /
             litellm ``api_base``).
         finished: set when the session can no longer generate (``stop`` is
@@ -77,6 +106,33 @@ class _UvicornServer(uvicorn.Server):
         yield
 
 
+def _bind(host: str, port: int, tries: int) -> socket.socket:
+    """Bind ``host:port``, or the next free port up to ``tries`` ports in all (port 0: OS picks).
+
+    Raises:
+        OSError: nothing could be bound.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    attempts = 1 if port == 0 else max(1, tries)
+    last: OSError | None = None
+    for candidate in range(port, min(port + attempts, 65536)):
+        # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted connections only
+        # when the socket's proto is TCP (base_events._set_nodelay); with proto 0, uvicorn's
+        # separate header/body writes meet Nagle + delayed ACK and every answer waits ~40 ms.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.bind((host, candidate))
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            last = exc
+    assert last is not None
+    raise last
+
+
 class ModelProxyServer:
     """One HTTP server on the current event loop serving many rollout sessions.
 
@@ -93,13 +149,25 @@ class ModelProxyServer:
     _shared_servers: ClassVar[dict[asyncio.AbstractEventLoop, asyncio.Task[ModelProxyServer]]] = {}
     _shared_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, host: str, port: int, *, cpu_workers: int = 1) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        cpu_workers: int = 1,
+        profile_log_dir: str | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ) -> None:
         self.host = host
         self.port = port
+        self.profile_log_dir = profile_log_dir
+        self.max_request_bytes = max_request_bytes
         self._sessions: dict[str, ProxySession] = {}
         # One worker by default: Hugging Face fast tokenizers are not guaranteed to be
         # safe under concurrent use from several threads, and builder calls are short.
         self._executor = ThreadPoolExecutor(max_workers=cpu_workers, thread_name_prefix="model-proxy-cpu")
+        self._profiles = ProfileWriters(port)
+        self.metrics = ProxyMetrics(lambda: len(self._sessions))
         self._uvicorn: _UvicornServer | None = None
         self._serve_task: asyncio.Task[None] | None = None
         self.stopped = False
@@ -114,30 +182,49 @@ class ModelProxyServer:
 
     @classmethod
     async def start(
-        cls, host: str = "127.0.0.1", port: int = 0, *, cpu_workers: int = 1, log_level: str = "warning"
+        cls,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        cpu_workers: int = 1,
+        log_level: str = "warning",
+        profile_log_dir: str | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        port_fallback_tries: int = DEFAULT_PORT_FALLBACK_TRIES,
     ) -> ModelProxyServer:
-        """Bind ``host:port`` (port 0: the OS chooses) and serve on the running loop.
+        """Bind ``host:port`` and serve on the running loop.
+
+        Args:
+            host: a loopback address.
+            port: 0 = the OS chooses; otherwise this port, or the next free one (up to
+                ``port_fallback_tries`` ports in all) when it is in use.
+            cpu_workers: threads for tokenization.
+            log_level: uvicorn's log level.
+            profile_log_dir: write per-call profile lines for every session here
+                (``profiling.py``); None = off (a session can still set its own).
+            max_request_bytes: larger request bodies get 413.
 
         Returns:
             A started server; ``server.port`` is the real port.
 
         Raises:
             ValueError: ``host`` is not a loopback address.
-            OSError: the address cannot be bound.
+            OSError: no port could be bound.
             RuntimeError: uvicorn failed to start.
         """
         if host not in _LOOPBACK_HOSTS:
             raise ValueError(f"The model proxy listens on loopback only, got host={host!r}")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        bind_host = "127.0.0.1" if host == "localhost" else host
         # Binding here (not in uvicorn) gives the real port and turns a bind failure into
         # an OSError instead of uvicorn's sys.exit inside a task.
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.bind(("127.0.0.1" if host == "localhost" else host, port))
-        except OSError:
-            sock.close()
-            raise
-        server = cls(host if host != "localhost" else "127.0.0.1", sock.getsockname()[1], cpu_workers=cpu_workers)
+        sock = _bind(bind_host, port, port_fallback_tries)
+        server = cls(
+            bind_host,
+            sock.getsockname()[1],
+            cpu_workers=cpu_workers,
+            profile_log_dir=profile_log_dir,
+            max_request_bytes=max_request_bytes,
+        )
         config = uvicorn.Config(
             server.app,
             lifespan="off",
@@ -172,11 +259,12 @@ class ModelProxyServer:
             sock.close()
 
     @classmethod
-    async def shared(cls, host: str = "127.0.0.1", port: int = 0) -> ModelProxyServer:
+    async def shared(cls, host: str = "127.0.0.1", port: int = 0, **options: Any) -> ModelProxyServer:
         """The server of the running event loop, started on first use.
 
-        Concurrent first callers on one loop share one start. ``host``/``port`` only
-        apply to that first start.
+        Concurrent first callers on one loop share one start. ``host``/``port`` and
+        ``options`` (``start``'s keyword arguments, e.g. ``profile_log_dir``) only apply
+        to that first start.
         """
         loop = asyncio.get_running_loop()
         with cls._shared_lock:
@@ -187,7 +275,7 @@ class ModelProxyServer:
                 if task.cancelled() or task.exception() is not None or task.result().stopped:
                     task = None
             if task is None:
-                task = loop.create_task(cls.start(host=host, port=port), name="model-proxy-shared-start")
+                task = loop.create_task(cls.start(host=host, port=port, **options), name="model-proxy-shared-start")
                 cls._shared_servers[loop] = task
         # shield: a caller cancelled while waiting must not cancel the start for others.
         return await asyncio.shield(task)
@@ -225,6 +313,7 @@ class ModelProxyServer:
             except Exception:
                 logger.exception("model proxy on %s stopped with an error", self.base_url)
         self._executor.shutdown(wait=False)
+        self._profiles.close()
 
     # -- sessions -------------------------------------------------------------------------------
 
@@ -233,13 +322,15 @@ class ModelProxyServer:
 
         Raises:
             RuntimeError: the server is stopped.
-            ValueError: ``config.max_response_tokens <= 0``.
+            ValueError: ``config.max_response_tokens <= 0`` or a bad ``on_history_rewrite``.
+            OSError: the profile log directory cannot be created.
         """
         if self.stopped:
             raise RuntimeError("the model proxy is stopped")
         session_id = secrets.token_urlsafe(24)
         api_key = f"sk-session-{secrets.token_urlsafe(32)}"
-        session = ProxySession(session_id, api_key, config, self._executor)
+        profile = self._profiles.get(config.profile_log_dir or self.profile_log_dir)
+        session = ProxySession(session_id, api_key, config, self._executor, profile=profile)
         self._sessions[session_id] = session
         return SessionHandle(
             session_id=session_id,
@@ -277,52 +368,187 @@ class ModelProxyServer:
 
     # -- HTTP ---------------------------------------------------------------------------------
 
+    def _error_response(self, exc: ProxyError, route: str) -> JSONResponse:
+        self.metrics.error(exc.type, exc.code)
+        self.metrics.requests.labels(route=route, status=str(exc.status)).inc()
+        return JSONResponse(exc.body(), status_code=exc.status)
+
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="ModelProxy", docs_url=None, redoc_url=None, openapi_url=None)
 
         @app.exception_handler(ProxyError)
         async def _proxy_error(_: Request, exc: ProxyError) -> JSONResponse:
-            return JSONResponse(exc.body(), status_code=exc.status)
+            return self._error_response(exc, "other")
 
         @app.exception_handler(RequestValidationError)
         async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
             message, param = _describe_validation_errors(exc.errors())
-            return JSONResponse(error_body(message, code="invalid_request", param=param), status_code=400)
+            return self._error_response(ProxyError(400, message, code="invalid_request", param=param), "other")
 
         @app.exception_handler(StarletteHTTPException)
         async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
             code = "not_found" if exc.status_code == 404 else "http_error"
-            return JSONResponse(error_body(str(exc.detail), code=code), status_code=exc.status_code)
+            return self._error_response(ProxyError(exc.status_code, str(exc.detail), code=code), "other")
 
         @app.exception_handler(Exception)
         async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
             logger.exception("model proxy: unexpected error", exc_info=exc)
-            body = error_body("Internal error in the model proxy.", type="server_error", code="internal_error")
-            return JSONResponse(body, status_code=500)
+            error = ProxyError(500, "Internal error in the model proxy.", type="server_error", code="internal_error")
+            return self._error_response(error, "other")
 
         @app.get("/health")
-        async def health() -> dict[str, str]:
-            return {"status": "ok"}
+        async def health() -> dict[str, Any]:
+            return {"status": "ok", "sessions": len(self._sessions)}
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+        @app.get("/v1/models")
+        async def all_models() -> dict[str, Any]:
+            names = sorted({s.config.model_name for s in self._sessions.values()})
+            return {"object": "list", "data": [_model_card(name) for name in names]}
 
         @app.get("/sessions/{session_id}/v1/models")
         async def models(session_id: str, request: Request) -> dict[str, Any]:
             session = self._authorize(session_id, request)
-            model = {"id": session.config.model_name, "object": "model", "created": 0, "owned_by": "model-proxy"}
-            return {"object": "list", "data": [model]}
+            return {"object": "list", "data": [_model_card(session.config.model_name)]}
 
         @app.post("/sessions/{session_id}/v1/chat/completions")
-        async def chat_completions(session_id: str, request: Request) -> JSONResponse:
-            session = self._authorize(session_id, request)
-            session.request_arrived()
+        async def chat_completions(session_id: str, request: Request) -> Response:
+            arrived = time.perf_counter()
             try:
-                chat_request = _parse_chat_request(await request.body())
-                return JSONResponse(await session.chat(chat_request))
+                session = self._authorize(session_id, request)
             except ProxyError as exc:
-                return JSONResponse(exc.body(), status_code=exc.status)
+                return self._error_response(exc, "chat")
+            session.request_arrived()
+            streaming = False
+            try:
+                chat_request = _parse_chat_request(await _read_body(request, self.max_request_bytes))
+                outcome = await session.chat(chat_request, arrived)
+                if chat_request.stream:
+                    streaming = True
+                    return StreamingResponse(
+                        self._stream(session, outcome, arrived),
+                        media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache"},
+                    )
+                self._record_call(session, outcome, arrived, ttft=None, stream=False)
+                self.metrics.requests.labels(route="chat", status="200").inc()
+                return JSONResponse(outcome.response)
+            except ProxyError as exc:
+                return self._error_response(exc, "chat")
             finally:
-                session.response_left()
+                if not streaming:
+                    session.response_left()
 
         return app
+
+    async def _stream(self, session: ProxySession, outcome: ChatOutcome, arrived: float) -> AsyncIterator[bytes]:
+        """SSE events of one finished turn; ``response_left`` fires when the last is written.
+
+        The usage chunk is always sent (as if ``stream_options.include_usage`` were
+        true): agents that count tokens need it, and OpenAI clients skip ``choices: []``.
+        """
+        ttft: float | None = None
+        try:
+            for index, chunk in enumerate(_completion_chunks(outcome.response)):
+                yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+                if ttft is None and index >= 1:  # event 0 is the role; 1 carries content/tool calls
+                    ttft = time.perf_counter() - arrived
+            yield b"data: [DONE]\n\n"
+            self._record_call(session, outcome, arrived, ttft=ttft, stream=True)
+            self.metrics.requests.labels(route="chat", status="200").inc()
+        finally:
+            session.response_left()
+
+    def _record_call(
+        self, session: ProxySession, outcome: ChatOutcome, arrived: float, *, ttft: float | None, stream: bool
+    ) -> None:
+        """Metrics and the profile line of one answered request."""
+        total = time.perf_counter() - arrived
+        self.metrics.latency.labels(stream=str(stream).lower()).observe(total)
+        record = outcome.record
+        if record is None:  # a retry answered from the cache: no sample
+            return
+        self.metrics.prompt_tokens.inc(record.prompt_tokens)
+        self.metrics.completion_tokens.inc(record.completion_tokens)
+        self.metrics.queue.observe(record.queue_ms / 1000.0)
+        self.metrics.generate.observe(record.generate_ms / 1000.0)
+        if ttft is not None:
+            self.metrics.ttft.observe(ttft)
+        if session.profile is not None:
+            session.profile.write(
+                {
+                    "type": "llm_call",
+                    "session": session.session_id,
+                    "request_id": session.request_id,
+                    "segment": record.segment,
+                    "turn": record.index,
+                    "prompt_tokens": record.prompt_tokens,
+                    "context_tokens": record.context_tokens,
+                    "completion_tokens": record.completion_tokens,
+                    "max_tokens": record.max_tokens,
+                    "queue_ms": record.queue_ms,
+                    "generate_ms": record.generate_ms,
+                    "total_ms": total * 1000.0,
+                    "ttft_ms": None if ttft is None else ttft * 1000.0,
+                    "finish_reason": record.finish_reason,
+                    "stream": stream,
+                }
+            )
+
+
+def _model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "model-proxy"}
+
+
+def _completion_chunks(response: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A ``chat.completion`` object as OpenAI ``chat.completion.chunk`` objects.
+
+    Order (as OpenAI sends them): role delta, content delta (if any), one delta per
+    tool call (``index``, ``id``, ``type``, ``function`` with the full arguments),
+    an empty delta with ``finish_reason``, and a ``choices: []`` chunk with ``usage``.
+    """
+    base = {"id": response["id"], "object": "chat.completion.chunk", "created": response["created"],
+            "model": response["model"]}
+    choice = response["choices"][0]
+    message = choice["message"]
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+    yield chunk({"role": "assistant", "content": ""})
+    if message.get("content"):
+        yield chunk({"content": message["content"]})
+    for index, call in enumerate(message.get("tool_calls") or []):
+        yield chunk({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                     "function": dict(call["function"])}]})
+    yield chunk({}, choice["finish_reason"])
+    yield {**base, "choices": [], "usage": response["usage"]}
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes without buffering them all.
+
+    Raises:
+        ProxyError(413, request_too_large).
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(part)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> ProxyError:
+    return ProxyError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
 
 
 def _parse_chat_request(body: bytes) -> ChatCompletionRequest:
@@ -330,7 +556,7 @@ def _parse_chat_request(body: bytes) -> ChatCompletionRequest:
 
     Raises:
         ProxyError(400): invalid JSON (``invalid_json``), schema violations
-            (``invalid_request``), ``stream: true`` (``stream_not_supported``), ``n > 1``.
+            (``invalid_request``), ``n > 1`` (``invalid_value``).
     """
     try:
         data = json.loads(body)
@@ -343,11 +569,6 @@ def _parse_chat_request(body: bytes) -> ChatCompletionRequest:
     except ValidationError as exc:
         message, param = _describe_validation_errors(exc.errors())
         raise ProxyError(400, message, code="invalid_request", param=param) from exc
-    if request.stream:
-        raise ProxyError(
-            400, "Streaming is not supported by this proxy; send stream=false.", code="stream_not_supported",
-            param="stream",
-        )
     if request.n is not None and request.n != 1:
         raise ProxyError(400, f"Only n=1 is supported, got n={request.n}.", code="invalid_value", param="n")
     return request

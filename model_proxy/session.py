@@ -1,12 +1,12 @@
 """The exact token state of one rollout behind the proxy.
 
 One ``ProxySession`` per trajectory. It owns the runtime token stream
-``prompt_ids + response_ids`` and the response-side ``response_mask`` /
-``response_logprobs``, built ONLY through verl's Continuous Token builder
-(``verl.utils.tokenizer.continuous_token``), the machinery verl's own
+``prompt_ids + response_ids`` of the CURRENT SEGMENT and its response-side
+``response_mask`` / ``response_logprobs``, built ONLY through verl's Continuous
+Token builder (``verl.utils.tokenizer.continuous_token``), the machinery verl's own
 ``ToolAgentLoop`` uses:
 
-- first request: ``build_initial_tokens(messages, tools=tools)`` -> prompt_ids;
+- first request of a segment: ``build_initial_tokens(messages, tools=tools)`` -> prompt_ids;
 - every generated turn: the sampled ids are appended verbatim with
   ``merge_assistant_tokens`` + ``align_response_metadata(..., assistant_logprobs=...)``
   (mask 1, the backend's logprobs);
@@ -16,13 +16,30 @@ One ``ProxySession`` per trajectory. It owns the runtime token stream
   ``<|im_end|>``, are mask 0 too).
 
 The whole conversation is never re-tokenized (verl's docs: re-applying the chat
-template "makes PPO training not even converge"). A request whose history does not
-extend the recorded one is refused (``history_mismatch``). Budget: the response
-side (``response_ids``) may not exceed ``max_response_tokens``; running out is
-answered with ``context_length_exceeded`` and ends the session (``stop =
-"context_limit"``). A turn cut by ``max_tokens`` (no end-of-turn token) also ends it:
-appending context after a truncated turn would train on a token sequence the chat
-format never produces.
+template "makes PPO training not even converge").
+
+Segments. When a request's history does not extend the recorded one (a history
+processor elided an old observation, the agent compacted its context, the tool list
+changed), ``SessionConfig.on_history_rewrite`` decides:
+
+- ``"new_segment"`` (default): the current segment is closed as it is and a new one
+  starts from the request's full history (a new initial prompt, mask 0 throughout;
+  its response budget starts again). verl's v1 trainer takes one ``AgentLoopOutput``
+  per segment. Every assistant message in the new history must be one this session
+  produced (or one the session's first request already carried, e.g. SWE-agent
+  demonstrations): a history with any other assistant text is refused with
+  ``unknown_assistant_message``, because it would put text the policy never sampled
+  where the agent claims it did.
+- ``"error"``: the request is refused with ``history_mismatch`` (400) and the token
+  state is untouched.
+
+Budget: each segment's response side may not exceed ``max_response_tokens``;
+a turn is given at most the remaining budget as ``max_tokens``; a turn cut there (or
+at the agent's own ``max_tokens``) is answered with ``finish_reason: "length"`` and
+ends the session (``stop = "context_limit"``, ``handle.finished`` set): appending
+context after a truncated turn (no end-of-turn token) would train on a token
+sequence the chat format never produces, so the next request is refused with
+``context_length_exceeded``. So is a request whose appended context leaves no room.
 
 All builder work is CPU-bound and runs in the server's executor; between awaits the
 session mutates its state in one synchronous block, so a concurrent
@@ -45,7 +62,8 @@ import jinja2
 
 from .backends.base import GenerationBackend, GenerationOutput
 from .errors import ProxyError, context_length_exceeded, history_mismatch, session_not_found
-from .messages import first_difference, normalize_messages, normalize_tools, same_history, tools_key
+from .messages import first_difference, message_key, normalize_messages, normalize_tools, same_history, tools_key
+from .profiling import ProfileWriter
 from .sampling import turn_sampling_params
 from .schemas import ChatCompletionRequest, ChatCompletionResponse
 from .tool_format import ParsedTurn, TurnParser
@@ -53,6 +71,7 @@ from .tool_format import ParsedTurn, TurnParser
 logger = logging.getLogger(__name__)
 
 Phase = Literal["inference", "tool"]
+HistoryRewritePolicy = Literal["new_segment", "error"]
 
 
 @dataclass
@@ -65,11 +84,12 @@ class SessionConfig:
         token_builder: verl Continuous Token builder for that tokenizer
             (``AgentLoopBase.continuous_token_builder`` or
             ``create_continuous_token_builder(tok, hf_model_type=...)``).
-        max_response_tokens: budget for ``response_ids`` (sampled + appended context),
-            normally verl's ``rollout.response_length``.
-        max_prompt_tokens: limit for the first prompt (verl's ``rollout.prompt_length``:
-            verl pads every prompt to it, so a longer one cannot be trained on); None = no limit.
-            A longer first prompt is refused with ``context_length_exceeded``.
+        max_response_tokens: budget for one segment's ``response_ids`` (sampled +
+            appended context), normally verl's ``rollout.response_length``.
+        max_prompt_tokens: limit for a segment's first prompt (verl's
+            ``rollout.prompt_length``: verl pads every prompt to it, so a longer one
+            cannot be trained on); None = no limit. A longer prompt is refused with
+            ``context_length_exceeded`` and ends the session.
         sampling_params: the trainer's sampling parameters (vLLM keys); they win over
             the agent's temperature/top_p.
         tool_parser: verl tool-parser name for the model's tool-call format.
@@ -79,6 +99,12 @@ class SessionConfig:
         on_phase: called with ``"inference"`` when a request arrives and ``"tool"``
             when its response leaves (resource-shim hook; must be quick, exceptions
             are logged and ignored).
+        on_history_rewrite: ``"new_segment"`` (close the segment, start a new one from
+            the rewritten history) or ``"error"`` (refuse with ``history_mismatch``).
+            See the module doc.
+        profile_log_dir: directory for this session's per-call JSONL profile lines
+            (``profiling.py``); None = the server's ``profile_log_dir`` (itself off by
+            default).
     """
 
     backend: GenerationBackend
@@ -91,6 +117,8 @@ class SessionConfig:
     request_id: str | None = None
     on_phase: Callable[[str], None] | None = None
     max_prompt_tokens: int | None = None
+    on_history_rewrite: HistoryRewritePolicy = "new_segment"
+    profile_log_dir: str | None = None
 
 
 @dataclass
@@ -98,16 +126,20 @@ class TurnRecord:
     """One assistant turn sent to the backend (an aborted one included).
 
     Attributes:
-        index: 0-based assistant-turn number.
+        index: 0-based assistant-turn number over the whole session.
+        segment: 0-based segment the turn belongs to.
         prompt_tokens: length of the prompt sent to the backend.
-        context_tokens: tokens appended (mask 0) before this turn, boundary tokens included.
+        context_tokens: tokens appended (mask 0) before this turn, boundary tokens
+            included (a segment's first turn: 0).
         completion_tokens: sampled tokens kept (mask 1).
         finish_reason: what the agent got: "stop", "tool_calls", "length", or
             "abort" (answered with an error).
         max_tokens: the per-turn limit passed to the backend.
         generate_ms: wall time inside ``backend.generate``, milliseconds.
-        agent_params: what the agent asked for (temperature, top_p, max_tokens), not applied
-            except max_tokens as an upper bound.
+        queue_ms: from the request's arrival at the server to the ``generate`` call
+            (session lock wait, body parsing, tokenization), milliseconds.
+        agent_params: what the agent asked for (temperature, top_p, max_tokens, stop,
+            stream), not applied except max_tokens as an upper bound.
         num_tool_calls: tool calls parsed from the turn.
     """
 
@@ -120,32 +152,68 @@ class TurnRecord:
     generate_ms: float
     agent_params: dict[str, Any] = field(default_factory=dict)
     num_tool_calls: int = 0
+    segment: int = 0
+    queue_ms: float = 0.0
+
+
+@dataclass
+class Segment:
+    """One append-only token stream of a session (one verl ``AgentLoopOutput``).
+
+    Invariant: ``len(response_ids) == len(response_mask) == len(response_logprobs)``
+    (when logprobs is not None); ``prompt_ids + response_ids`` is exactly the last
+    prompt the backend received in this segment plus the ids it sampled then.
+
+    Attributes:
+        prompt_ids: the segment's first prompt (``build_initial_tokens`` of the full
+            history the agent sent).
+        response_ids: everything after it: sampled turns and appended context.
+        response_mask: 1 on sampled tokens, 0 on context and builder-inserted tokens.
+        response_logprobs: per response token, 0.0 where mask is 0; None when some
+            turn's backend returned no logprobs.
+        messages: the conversation of this segment (normalised requests + assistant
+            turns as returned).
+        num_turns: assistant turns generated in this segment.
+        first_turn: session-wide index of its first turn (``TurnRecord.index``).
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_mask: list[int]
+    response_logprobs: list[float] | None
+    messages: list[dict[str, Any]]
+    num_turns: int
+    first_turn: int = 0
 
 
 @dataclass
 class SessionResult:
     """The training record of one session (``ModelProxyServer.close_session``).
 
-    Invariant: ``len(response_ids) == len(response_mask) == len(response_logprobs)``
-    (when logprobs is not None) and ``prompt_ids + response_ids`` is exactly the last
-    prompt the backend received plus its last sampled ids.
+    ``prompt_ids``, ``response_ids``, ``response_mask``, ``response_logprobs`` and
+    ``messages`` describe the LAST segment (the whole session when the agent never
+    rewrote its history; empty lists when no turn was generated). ``segments`` lists
+    every segment in order, the last one included, so a loop returns
+    ``[one AgentLoopOutput per segment]``. ``num_turns``, ``turns``, ``generation_s``,
+    ``tool_s``, ``stop`` and ``error`` cover the whole session.
 
     Attributes:
-        prompt_ids: the first request's prompt (empty if no request got that far).
-        response_ids: everything after it: sampled turns and appended context.
+        prompt_ids: the last segment's first prompt.
+        response_ids: the last segment's response side.
         response_mask: 1 on sampled tokens, 0 on context and builder-inserted tokens.
         response_logprobs: per response token, 0.0 where mask is 0; None when some
             turn's backend returned no logprobs.
-        messages: the conversation as recorded (normalised requests + assistant turns as
-            returned).
-        num_turns: assistant turns generated.
+        messages: the last segment's conversation.
+        num_turns: assistant turns generated in the whole session.
         stop: None, ``"context_limit"`` (budget exhausted or a turn cut by max_tokens)
             or ``"aborted"`` (the backend aborted a generation).
         error: None or the last refusal that indicates a broken protocol
-            (``"history_mismatch"``, ``"backend_error: ..."``).
+            (``"history_mismatch"``, ``"unknown_assistant_message"``,
+            ``"backend_error: ..."``).
         generation_s: total seconds inside ``backend.generate``.
         tool_s: total seconds between a response leaving and the next request arriving.
         turns: per-turn records.
+        segments: every segment (``[]`` when no turn was generated).
     """
 
     prompt_ids: list[int]
@@ -159,36 +227,68 @@ class SessionResult:
     generation_s: float
     tool_s: float
     turns: list[TurnRecord]
+    segments: list[Segment] = field(default_factory=list)
+
+
+@dataclass
+class ChatOutcome:
+    """A successful answer: the ``chat.completion`` object and what it cost.
+
+    ``record`` is None when the request was a client retry answered from the cache
+    (no new sample, nothing to profile).
+    """
+
+    response: dict[str, Any]
+    record: TurnRecord | None
 
 
 class ProxySession:
     """Token state and request handling of one rollout (see module doc)."""
 
-    def __init__(self, session_id: str, api_key: str, config: SessionConfig, executor: Executor) -> None:
+    def __init__(
+        self,
+        session_id: str,
+        api_key: str,
+        config: SessionConfig,
+        executor: Executor,
+        profile: ProfileWriter | None = None,
+    ) -> None:
         if config.max_response_tokens <= 0:
             raise ValueError(f"max_response_tokens must be positive, got {config.max_response_tokens}")
+        if config.on_history_rewrite not in ("new_segment", "error"):
+            raise ValueError(
+                f"on_history_rewrite must be 'new_segment' or 'error', got {config.on_history_rewrite!r}"
+            )
         self.session_id = session_id
         self.api_key = api_key
         self.config = config
         self.request_id = config.request_id or uuid.uuid4().hex
         self.finished = asyncio.Event()
         self.closed = False
+        self.profile = profile
         self._executor = executor
         self._lock = asyncio.Lock()
         self._parser = TurnParser(config.tokenizer, config.tool_parser)
-        # Token state; None until the first request is tokenized.
+        # Token state of the current segment; None until its first request is tokenized.
         self._prompt_len: int | None = None
         self._runtime_ids: list[int] = []  # prompt_ids + response_ids
         self._mask: list[int] = []
         self._logprobs: list[float] = []
         self._logprobs_complete = True
+        self._segment_first_turn = 0
+        self._segment_turns = 0  # committed turns of the current segment
+        self._closed_segments: list[Segment] = []
         # Conversation state.
         self._messages: list[dict[str, Any]] = []
+        self._message_keys: list[tuple[Any, ...]] = []  # message_key of each recorded message
         self._tools: list[dict[str, Any]] | None = None
         self._tools_key = ""
         self._last_request: list[dict[str, Any]] | None = None
         self._last_response: dict[str, Any] | None = None
         self._last_stop_reason: str | None = None
+        # Assistant messages a new segment may contain (message_key): every turn this
+        # session produced, plus those in its first request (demonstrations).
+        self._known_assistant: set[tuple[Any, ...]] = set()
         # Outcome and timing.
         self._stop: str | None = None
         self._error: str | None = None
@@ -202,8 +302,19 @@ class ProxySession:
     def request_arrived(self) -> None:
         now = time.monotonic()
         if self._response_left_at is not None:
-            self._tool_s += now - self._response_left_at
+            duration = now - self._response_left_at
+            self._tool_s += duration
             self._response_left_at = None
+            if self.profile is not None:
+                self.profile.write(
+                    {
+                        "type": "tool_phase",
+                        "session": self.session_id,
+                        "request_id": self.request_id,
+                        "turn": len(self._turns) - 1,
+                        "duration_ms": duration * 1000.0,
+                    }
+                )
         self._emit_phase("inference")
 
     def response_left(self) -> None:
@@ -220,22 +331,38 @@ class ProxySession:
 
     # -- result -------------------------------------------------------------------------------
 
-    def result(self) -> SessionResult:
-        """A consistent copy of the current state."""
-        prompt_len = self._prompt_len or 0
-        response_ids = self._runtime_ids[prompt_len:]
-        return SessionResult(
+    def _current_segment(self) -> Segment | None:
+        if self._prompt_len is None or self._segment_turns == 0:
+            return None
+        prompt_len = self._prompt_len
+        return Segment(
             prompt_ids=list(self._runtime_ids[:prompt_len]),
-            response_ids=list(response_ids),
+            response_ids=list(self._runtime_ids[prompt_len:]),
             response_mask=list(self._mask),
             response_logprobs=list(self._logprobs) if self._logprobs_complete else None,
             messages=[dict(m) for m in self._messages],
+            num_turns=self._segment_turns,
+            first_turn=self._segment_first_turn,
+        )
+
+    def result(self) -> SessionResult:
+        """A consistent copy of the current state."""
+        current = self._current_segment()
+        segments = list(self._closed_segments) + ([current] if current is not None else [])
+        last = segments[-1] if segments else Segment([], [], [], [], [], 0)
+        return SessionResult(
+            prompt_ids=list(last.prompt_ids),
+            response_ids=list(last.response_ids),
+            response_mask=list(last.response_mask),
+            response_logprobs=None if last.response_logprobs is None else list(last.response_logprobs),
+            messages=[dict(m) for m in last.messages],
             num_turns=len(self._turns),
             stop=self._stop,
             error=self._error,
             generation_s=self._generation_s,
             tool_s=self._tool_s,
             turns=list(self._turns),
+            segments=segments,
         )
 
     def close(self) -> SessionResult:
@@ -245,20 +372,27 @@ class ProxySession:
 
     # -- the request ---------------------------------------------------------------------------
 
-    async def chat(self, request: ChatCompletionRequest) -> dict[str, Any]:
+    async def chat(self, request: ChatCompletionRequest, arrived: float | None = None) -> ChatOutcome:
         """Answer one chat-completions request.
 
+        Args:
+            request: the validated request.
+            arrived: ``time.perf_counter()`` when the request reached the server (for
+                ``TurnRecord.queue_ms``); now when None.
+
         Returns:
-            The ``chat.completion`` JSON object.
+            ``ChatOutcome`` with the ``chat.completion`` JSON object.
 
         Raises:
-            ProxyError: 400 ``history_mismatch`` / ``context_length_exceeded`` /
-                ``invalid_messages``, 404 when the session was closed meanwhile,
-                500 ``backend_error`` / ``internal_error``, 503 ``generation_aborted``.
+            ProxyError: 400 ``history_mismatch`` / ``unknown_assistant_message`` /
+                ``context_length_exceeded`` / ``invalid_messages``, 404 when the
+                session was closed meanwhile, 500 ``backend_error`` /
+                ``internal_error``, 503 ``generation_aborted``.
         """
+        arrived = time.perf_counter() if arrived is None else arrived
         async with self._lock:
             try:
-                return await self._chat_locked(request)
+                return await self._chat_locked(request, arrived)
             except ProxyError:
                 raise
             except Exception as exc:  # a bug or a builder/parser failure: keep the server serving
@@ -268,7 +402,7 @@ class ProxySession:
                     500, "Internal error in the model proxy.", type="server_error", code="internal_error"
                 ) from exc
 
-    async def _chat_locked(self, request: ChatCompletionRequest) -> dict[str, Any]:
+    async def _chat_locked(self, request: ChatCompletionRequest, arrived: float) -> ChatOutcome:
         """``chat`` with the session lock held."""
         if self.closed:
             raise session_not_found()
@@ -282,25 +416,28 @@ class ProxySession:
         ):
             # A client retry (timeout, dropped connection) of the request just answered:
             # answer it again instead of sampling a second, unrecorded turn.
-            return self._last_response
+            return ChatOutcome(self._last_response, None)
         self._refuse_if_stopped()
         if self._prompt_len is None:
-            state = await self._initial_state(messages, tools)
+            state = await self._initial_state(messages, tools, first=True)
         else:
             state = await self._extended_state(messages, tools)
-        return await self._generate_turn(request, messages, state)
+        return await self._generate_turn(request, messages, state, arrived)
 
     def _refuse_if_stopped(self) -> None:
         if self._stop == "context_limit":
             raise context_length_exceeded("the session's response budget is used up")
         if self._stop == "aborted":
             raise _aborted_error()
-        if self._last_stop_reason == "length":
+        if self._last_stop_reason == "length":  # (stop is already "context_limit" then)
             # A truncated turn has no end-of-turn token; context after it would be off-format.
             self._end_session("context_limit")
             raise context_length_exceeded("the previous turn reached its token limit without finishing")
 
-    async def _initial_state(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> _State:
+    async def _initial_state(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, *, first: bool
+    ) -> _State:
+        """A new segment's state: ``build_initial_tokens`` of the whole history."""
         builder = self.config.token_builder
         try:
             prompt_ids = await self._run_cpu(lambda: list(builder.build_initial_tokens(messages, tools=tools)))
@@ -320,23 +457,54 @@ class ProxySession:
             tools=tools,
             context_tokens=0,
             prompt_len=len(prompt_ids),
+            new_segment=True,
+            first_request=first,
         )
+
+    def _rewrite(self, messages: list[dict[str, Any]], reason: str) -> None:
+        """Refuse a rewritten history (policy "error"), or check it may start a segment.
+
+        Raises:
+            ProxyError(400, history_mismatch): policy "error".
+            ProxyError(400, unknown_assistant_message): the history carries an assistant
+                message this session never produced.
+        """
+        if self.config.on_history_rewrite == "error":
+            self._error = "history_mismatch"
+            raise history_mismatch(reason)
+        for index, message in enumerate(messages):
+            if message["role"] == "assistant" and message_key(message) not in self._known_assistant:
+                self._error = "unknown_assistant_message"
+                raise ProxyError(
+                    400,
+                    f"Message {index} is an assistant message this session never produced; "
+                    "only the proxy's own answers may appear as assistant turns.",
+                    code="unknown_assistant_message",
+                    param="messages",
+                )
 
     async def _extended_state(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> _State:
         if tools_key(tools) != self._tools_key:
-            self._error = "history_mismatch"
-            raise history_mismatch("the tool definitions changed during the session")
-        diverged = first_difference(self._messages, messages)
+            self._rewrite(messages, "the tool definitions changed during the session")
+            return await self._initial_state(messages, tools, first=False)
+        diverged = first_difference(self._message_keys, messages)
         if diverged is not None:
-            self._error = "history_mismatch"
-            raise history_mismatch(
+            self._rewrite(
+                messages,
                 f"message {diverged} differs from the recorded conversation "
-                f"({len(self._messages)} recorded, {len(messages)} received)"
+                f"({len(self._messages)} recorded, {len(messages)} received)",
             )
+            return await self._initial_state(messages, tools, first=False)
         tail = messages[len(self._messages) :]
         if not tail:
             self._error = "history_mismatch"
             raise history_mismatch("no new message after the last assistant turn")
+        if any(m["role"] == "assistant" for m in tail):
+            # verl's builder cannot append assistant text as context (it would carry mask 0 where
+            # the policy's own samples belong): a history re-inserting assistant turns is a rewrite,
+            # and one with assistant text the session never produced is refused (_rewrite).
+            self._rewrite(messages, "the new messages contain an assistant message")
+            return await self._initial_state(messages, tools, first=False)
         previous = self._messages
         updated = previous + tail
         builder = self.config.token_builder
@@ -351,8 +519,7 @@ class ProxySession:
         try:
             new_ids, new_mask, new_logprobs = await self._run_cpu(merge)
         except ValueError as exc:
-            # verl's builder refuses tails it cannot tokenize append-only (e.g. ending
-            # with an assistant message).
+            # verl's builder refuses tails it cannot tokenize append-only.
             self._error = "history_mismatch"
             raise history_mismatch(f"the new messages cannot be appended: {exc}") from exc
         if len(new_mask) >= self.config.max_response_tokens:
@@ -372,8 +539,8 @@ class ProxySession:
         )
 
     async def _generate_turn(
-        self, request: ChatCompletionRequest, request_messages: list[dict[str, Any]], state: _State
-    ) -> dict[str, Any]:
+        self, request: ChatCompletionRequest, request_messages: list[dict[str, Any]], state: _State, arrived: float
+    ) -> ChatOutcome:
         remaining = self.config.max_response_tokens - len(state.mask)
         if remaining <= 0:
             self._end_session("context_limit")
@@ -381,6 +548,7 @@ class ProxySession:
         agent_max = request.max_completion_tokens or request.max_tokens
         if agent_max is not None and agent_max < 1:
             raise ProxyError(400, "max_tokens must be at least 1.", param="max_tokens", code="invalid_value")
+        # The per-turn limit: the segment's remaining response budget, lowered by the agent's.
         max_tokens = min(agent_max, remaining) if agent_max is not None else remaining
         params = turn_sampling_params(
             self.config.sampling_params,
@@ -392,21 +560,23 @@ class ProxySession:
             "temperature": request.temperature,
             "top_p": request.top_p,
             "max_tokens": agent_max,
+            "stop": getattr(request, "stop", None),
+            "stream": bool(request.stream),
         }
 
-        started = time.monotonic()
+        started = time.perf_counter()
         try:
             output = await self.config.backend.generate(self.request_id, list(state.runtime_ids), params)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._generation_s += time.monotonic() - started
+            self._generation_s += time.perf_counter() - started
             logger.exception("backend.generate failed for session %s", self.session_id)
             self._error = f"backend_error: {type(exc).__name__}: {exc}"
             raise ProxyError(
                 500, f"The generation backend failed: {type(exc).__name__}", type="server_error", code="backend_error"
             ) from exc
-        elapsed = time.monotonic() - started
+        elapsed = time.perf_counter() - started
         self._generation_s += elapsed
         try:
             _check_output(output)
@@ -414,6 +584,8 @@ class ProxySession:
             self._error = f"backend_error: {exc.message}"
             raise
 
+        # The segment this turn will belong to: a new segment closes the current one if it has turns.
+        segment = len(self._closed_segments) + (1 if state.new_segment and self._segment_turns > 0 else 0)
         record = TurnRecord(
             index=len(self._turns),
             prompt_tokens=len(state.runtime_ids),
@@ -423,12 +595,14 @@ class ProxySession:
             max_tokens=max_tokens,
             generate_ms=elapsed * 1000.0,
             agent_params=agent_params,
+            segment=segment,
+            queue_ms=(started - arrived) * 1000.0,
         )
         if self.closed:
             raise session_not_found()
         if output.stop_reason == "abort":
             # The agent never sees these tokens, so they are not part of its trajectory.
-            self._turns.append(record)
+            self._turns.append(record)  # in no segment: no tokens were kept
             self._end_session("aborted")
             raise _aborted_error()
 
@@ -443,7 +617,9 @@ class ProxySession:
             )
             return list(result.token_ids), list(new_mask), list(new_logprobs or [])
 
-        new_ids, new_mask, new_logprobs = await self._run_cpu(merge)
+        # Inline, not in the executor: list concatenation, microseconds even for long streams,
+        # cheaper than a thread hop.
+        new_ids, new_mask, new_logprobs = merge()
         parsed: ParsedTurn = await self._parser.parse(list(output.token_ids), with_tools=state.tools is not None)
         if output.stop_reason == "length":
             finish_reason = "length"
@@ -468,18 +644,37 @@ class ProxySession:
             raise session_not_found()
 
         # Commit: one synchronous block, no awaits.
-        if self._prompt_len is None:
+        if state.new_segment:
+            current = self._current_segment()
+            if current is not None:
+                self._closed_segments.append(current)
+            if state.first_request:
+                self._known_assistant.update(message_key(m) for m in state.messages if m["role"] == "assistant")
+            self._segment_first_turn = len(self._turns)
+            self._segment_turns = 0
             self._prompt_len = state.prompt_len
             self._tools = state.tools
             self._tools_key = tools_key(state.tools)
+            self._logprobs_complete = True
         self._runtime_ids, self._mask, self._logprobs = new_ids, new_mask, new_logprobs
         self._logprobs_complete = self._logprobs_complete and logprobs_given
-        self._messages = state.messages + [parsed.as_message()]
+        assistant = parsed.as_message()
+        self._known_assistant.add(message_key(assistant))
+        self._messages = state.messages + [assistant]
+        if state.new_segment:
+            self._message_keys = [message_key(m) for m in self._messages]
+        else:
+            self._message_keys = self._message_keys + [message_key(m) for m in self._messages[len(self._message_keys):]]
         self._last_request = request_messages
         self._last_response = response
         self._last_stop_reason = output.stop_reason
         self._turns.append(record)
-        return response
+        self._segment_turns += 1
+        if output.stop_reason == "length":
+            # The turn is answered (finish_reason "length"), but nothing may follow it: the
+            # episode ends here, and the next request is refused with context_length_exceeded.
+            self._end_session("context_limit")
+        return ChatOutcome(response, record)
 
     def _end_session(self, stop: str) -> None:
         self._stop = stop
@@ -500,6 +695,8 @@ class _State:
     tools: list[dict[str, Any]] | None
     context_tokens: int
     prompt_len: int
+    new_segment: bool = False
+    first_request: bool = False
 
 
 def _aborted_error() -> ProxyError:

@@ -12,7 +12,6 @@ Qwen tokenizers and survives.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -72,9 +71,8 @@ class TurnParser:
         """
         visible = [t for t in token_ids if t not in self._special_ids]
         if not with_tools:
-            loop = asyncio.get_running_loop()
-            text = await loop.run_in_executor(None, self._decode, visible)
-            return ParsedTurn(content=text)
+            # Inline: decoding one turn takes microseconds, less than a thread hop.
+            return ParsedTurn(content=self._decode(visible))
         content, calls = await self._parser.extract_tool_calls(visible)
         tool_calls = [
             {

@@ -96,3 +96,29 @@ def check_exact_state(result, calls: list[Call]) -> None:
     masked_lp = [lp for lp, m in zip(result.response_logprobs, result.response_mask) if m == 0]
     assert all(lp == 0.0 for lp in masked_lp)
     assert result.num_turns == len(calls)
+
+
+@dataclass
+class ReplayBackend:
+    """Replays fixed assistant texts (one per call, the last one forever), each + eos.
+
+    Real tokenizer; logprobs are distinct negative numbers so alignment errors show.
+    """
+
+    tokenizer: Any
+    texts: list[str]
+    calls: int = 0
+
+    async def generate(self, request_id: str, prompt_ids: list[int], sampling_params: dict[str, Any]):
+        text = self.texts[min(self.calls, len(self.texts) - 1)]
+        self.calls += 1
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False)) + [int(self.tokenizer.eos_token_id)]
+        stop = "stop"
+        limit = sampling_params.get("max_tokens")
+        if limit is not None and len(ids) > int(limit):
+            ids, stop = ids[: int(limit)], "length"
+        return GenerationOutput(ids, [-0.01 * (i + 1) for i in range(len(ids))], stop)
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}

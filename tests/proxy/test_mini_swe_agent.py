@@ -80,18 +80,44 @@ def _bash_tool() -> dict:
     return BASH_TOOL
 
 
-async def test_stock_mini_swe_agent_drops_failed_turns(
+async def test_stock_mini_swe_agent_drops_failed_turns_error_mode(
     proxy, tokenizer, token_builder, hf_backend, tmp_path, monkeypatch
 ):
-    """The random tiny model never makes a valid tool call: mini-swe-agent's FormatError path."""
+    """The random tiny model never makes a valid tool call: mini-swe-agent's FormatError path
+    drops the failed turn from its history; with on_history_rewrite="error" that is refused."""
     monkeypatch.setenv("MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT", "1")
-    handle = proxy.open_session(make_config(hf_backend, tokenizer, token_builder, max_response_tokens=2048))
+    handle = proxy.open_session(
+        make_config(hf_backend, tokenizer, token_builder, max_response_tokens=2048, on_history_rewrite="error")
+    )
     import litellm
 
     with pytest.raises(litellm.BadRequestError, match="history"):
         await asyncio.to_thread(_run_agent, "tool_call", handle.base_url, handle.api_key, tmp_path)
     result = proxy.close_session(handle.session_id)
-    assert result.error == "history_mismatch" and result.num_turns == 1
+    assert result.error == "history_mismatch" and result.num_turns == 1 and len(result.segments) == 1
+
+
+async def test_stock_mini_swe_agent_drops_failed_turns_new_segments(
+    proxy, tokenizer, token_builder, hf_backend, tmp_path, monkeypatch
+):
+    """Default policy: each dropped turn closes a segment; every segment is exact on its own."""
+    monkeypatch.setenv("MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT", "1")
+    backend = RecordingBackend(hf_backend)
+    handle = proxy.open_session(make_config(backend, tokenizer, token_builder, max_response_tokens=2048))
+    info, agent_messages = await asyncio.to_thread(_run_agent, "tool_call", handle.base_url, handle.api_key, tmp_path)
+    result = proxy.close_session(handle.session_id)
+    assert info["exit_status"] == "RepeatedFormatError", info
+    assert result.error is None and result.stop is None and result.num_turns == 3
+    # Stock mini-swe-agent never shows the model its own failed turn: three one-turn segments,
+    # each a fresh prompt of the history it was sent (system, task, then the format errors so far).
+    assert [s.num_turns for s in result.segments] == [1, 1, 1]
+    assert [t.segment for t in result.turns] == [0, 1, 2]
+    for segment, call in zip(result.segments, backend.calls):
+        check_exact_state(segment, [call])
+        roles = [m["role"] for m in segment.messages]
+        assert roles[-1] == "assistant" and "assistant" not in roles[:-1]
+    assert result.prompt_ids == result.segments[-1].prompt_ids
+    assert result.response_ids == result.segments[-1].response_ids
 
 
 @pytest.mark.parametrize("mode", ["tool_call", "text"])

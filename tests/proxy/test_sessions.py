@@ -132,9 +132,9 @@ async def test_hf_local_multi_turn_through_litellm(proxy, tokenizer, token_build
         assert result.response_mask[end - len(result.prompt_ids)] == 0
 
 
-async def test_rewritten_history_is_refused(proxy, tokenizer, token_builder):
+async def test_rewritten_history_is_refused_in_error_mode(proxy, tokenizer, token_builder):
     backend = RecordingBackend(ScriptedPolicyBackend(tokenizer, ["ls", "pwd", "whoami"]))
-    handle = proxy.open_session(make_config(backend, tokenizer, token_builder))
+    handle = proxy.open_session(make_config(backend, tokenizer, token_builder, on_history_rewrite="error"))
     client = _client(handle)
     messages = [{"role": "user", "content": "task"}]
     first = (await client.chat.completions.create(model="m", messages=messages, tools=[BASH_TOOL])).choices[0].message
@@ -218,6 +218,7 @@ async def test_truncated_turn_is_never_followed_by_context(proxy, tokenizer, tok
     messages = [{"role": "user", "content": "task"}]
     first = await client.chat.completions.create(model="m", messages=messages, max_tokens=6)
     assert first.choices[0].finish_reason == "length"
+    assert handle.finished.is_set()  # the episode ends with the truncated turn, before any next request
     assert backend.calls[0].sampling_params["max_tokens"] == 6
     assert len(backend.calls[0].output.token_ids) == 6
     messages += [first.choices[0].message.model_dump(), {"role": "user", "content": "format error"}]
