@@ -71,6 +71,11 @@ class ProxySettings:
     model_name: str = "swe-policy"
     # verl tool parser for the model's tool-call format (Qwen2.5/Hermes: "hermes").
     tool_parser: str = "hermes"
+    # When the agent rewrites its history: "new_segment" (train on each append-only segment)
+    # or "error" (refuse the request; the agent then ends the episode).
+    on_history_rewrite: str = "new_segment"
+    # Per-call profiling log (JSONL) directory for `python -m model_proxy.analyze`; null = off.
+    profile_log_dir: str | None = None
 
 
 @dataclass
@@ -130,6 +135,10 @@ class SWEAgentConfig:
         if self.agent.sweagent_deployment not in ("docker", "local"):
             raise ValueError(
                 f"swe_agent.agent.sweagent_deployment={self.agent.sweagent_deployment!r}: expected 'docker' or 'local'"
+            )
+        if self.proxy.on_history_rewrite not in ("new_segment", "error"):
+            raise ValueError(
+                f"swe_agent.proxy.on_history_rewrite={self.proxy.on_history_rewrite!r}: expected new_segment or error"
             )
         if self.reward.variant not in ("binary", "partial", "similarity"):
             raise ValueError(f"swe_agent.reward.variant={self.reward.variant!r}: expected binary, partial or similarity")

@@ -45,7 +45,6 @@ from recipe.runners.mini_swe_agent import AgentRun, run_mini_swe_agent
 from recipe.runners.swe_agent import run_swe_agent
 from recipe.trajectory import TrajectoryRecord, append_record
 from reward.compute_score import get_grader
-from reward.grading import GradeResult
 from sandbox.local import LocalSandbox, SandboxError
 
 logger = logging.getLogger(__name__)
@@ -88,6 +87,9 @@ class RolloutInfo:
     # GRPO group (verl's prompt uid; the instance id outside the trainer) and trainer step (-1 outside).
     group_id: str = ""
     global_step: int = -1
+    # Token segments of the rollout (a rewritten history starts a new one) and this output's index.
+    num_segments: int = 1
+    segment: int = 0
 
 
 def reward_extra_info(extra: dict[str, Any]) -> dict[str, float]:
@@ -170,14 +172,18 @@ class SWEAgentLoop(AgentLoopBase):
             backend=backend,
         )
 
-    async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
+    async def run(
+        self, sampling_params: dict[str, Any], **kwargs: Any
+    ) -> AgentLoopOutput | list[AgentLoopOutput]:
         """Run one rollout; never raises for task, agent, proxy or grading failures.
 
         ``kwargs`` are the dataset row's fields (``raw_prompt``, ``extra_info``...) plus,
         under verl's trainer, ``uid`` (the GRPO group) and ``global_steps``.
 
         Returns:
-            AgentLoopOutput with ``len(response_ids) == len(response_mask) ==
+            AgentLoopOutput (a list of them, one per token segment, when the agent
+            rewrote its history: verl's v1 trainer accepts that) with
+            ``len(response_ids) == len(response_mask) ==
             len(response_logprobs) <= rollout.response_length``, the ``RolloutInfo``
             fields in ``extra_fields`` and ``extra_fields["reward_extra_info"]``.
             With ``trajectory_dir`` set, the rollout's ``TrajectoryRecord`` is
@@ -205,15 +211,19 @@ class SWEAgentLoop(AgentLoopBase):
             raise
         return await self._finish(output, kwargs)
 
-    async def _finish(self, output: AgentLoopOutput, kwargs: dict[str, Any]) -> AgentLoopOutput:
-        """Add the GRPO group, step and ``reward_extra_info``; append the record when asked."""
-        extra = output.extra_fields
-        extra["group_id"] = str(kwargs.get("uid") or extra["instance_id"])
-        extra["global_step"] = int(kwargs.get("global_steps", -1))
-        extra["reward_extra_info"] = reward_extra_info(extra)
+    async def _finish(
+        self, output: AgentLoopOutput | list[AgentLoopOutput], kwargs: dict[str, Any]
+    ) -> AgentLoopOutput | list[AgentLoopOutput]:
+        """Add the GRPO group, step and ``reward_extra_info`` to every segment; append the record."""
+        outputs = output if isinstance(output, list) else [output]
+        for out in outputs:
+            extra = out.extra_fields
+            extra["group_id"] = str(kwargs.get("uid") or extra["instance_id"])
+            extra["global_step"] = int(kwargs.get("global_steps", -1))
+            extra["reward_extra_info"] = reward_extra_info(extra)
         if self.swe_config.trajectory_dir:
             record = TrajectoryRecord.from_output(
-                output, data_source=str(kwargs.get("data_source", "")), policy=self.swe_config.policy
+                outputs, data_source=str(kwargs.get("data_source", "")), policy=self.swe_config.policy
             )
             await asyncio.to_thread(append_record, Path(self.swe_config.trajectory_dir), record)
         return output
@@ -256,6 +266,8 @@ class SWEAgentLoop(AgentLoopBase):
                     tool_parser=self.swe_config.proxy.tool_parser,
                     model_name=self.swe_config.proxy.model_name,
                     request_id=info.rollout_id,
+                    on_history_rewrite=self.swe_config.proxy.on_history_rewrite,
+                    profile_log_dir=self.swe_config.proxy.profile_log_dir,
                 )
             )
             session_id = handle.session_id
@@ -294,7 +306,7 @@ class SWEAgentLoop(AgentLoopBase):
             info.error = info.error or f"grading failed: {grade.error}"
         info.resolved = grade.resolved
         info.reward = grade.reward
-        return self._output_from_session(session, agent, grade, info, start)
+        return self._output_from_session(session, agent, info, start)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -337,40 +349,46 @@ class SWEAgentLoop(AgentLoopBase):
         self,
         session: SessionResult,
         agent: AgentRun,
-        grade: GradeResult,
         info: RolloutInfo,
         start: float,
-    ) -> AgentLoopOutput:
+    ) -> AgentLoopOutput | list[AgentLoopOutput]:
+        """One output per token segment (a rewritten history starts a new one; verl's v1
+        trainer takes the list), or a single output in the usual one-segment case."""
         status = ExitStatus(info.exit_status)
         info.generation_s = session.generation_s
         info.tool_s = session.tool_s
-        info.messages = session.messages or agent.messages
-        if not session.prompt_ids:
-            # The agent never reached the model: nothing was sampled, nothing to train on.
-            prompt_ids, response_ids, mask, logprobs = self._placeholder_tokens()
-        else:
-            prompt_ids = session.prompt_ids
-            n = self.response_length
-            response_ids = session.response_ids[:n]
-            mask = session.response_mask[:n]
-            logprobs = (session.response_logprobs or [0.0] * len(session.response_ids))[:n]
-            if not response_ids:
-                _, response_ids, mask, logprobs = self._placeholder_tokens()
-        info.masked = self._masked(status) or not any(mask)
-        if info.masked:
-            mask = [0] * len(mask)
+        info.messages = [m for seg in session.segments for m in seg.messages] or session.messages or agent.messages
+        segments = [(seg.prompt_ids, seg.response_ids, seg.response_mask, seg.response_logprobs)
+                    for seg in session.segments] or [
+            (session.prompt_ids, session.response_ids, session.response_mask, session.response_logprobs)]
+        info.num_segments = len(segments)
         info.total_s = time.monotonic() - start
         reward = 0.0 if status.is_infra_failure else info.reward
-        return AgentLoopOutput(
-            prompt_ids=list(prompt_ids),
-            response_ids=list(response_ids),
-            response_mask=list(mask),
-            response_logprobs=list(logprobs),
-            reward_score=reward,
-            num_turns=len(info.messages),
-            metrics=AgentLoopMetrics(generate_sequences=info.generation_s, tool_calls=info.tool_s),
-            extra_fields=asdict(info),
-        )
+        outputs = []
+        for index, (prompt_ids, response_ids, mask, logprobs) in enumerate(segments):
+            n = self.response_length
+            if not prompt_ids or not response_ids:
+                # Nothing was sampled (the agent never reached the model): nothing to train on.
+                placeholder_prompt, response_ids, mask, logprobs = self._placeholder_tokens()
+                prompt_ids = prompt_ids or placeholder_prompt
+            else:
+                logprobs = (logprobs or [0.0] * len(response_ids))[:n]
+                response_ids, mask = response_ids[:n], mask[:n]
+            if index == len(segments) - 1:
+                info.masked = self._masked(status) or not any(mask)
+            if self._masked(status) or (index == len(segments) - 1 and info.masked):
+                mask = [0] * len(mask)
+            outputs.append(AgentLoopOutput(
+                prompt_ids=list(prompt_ids),
+                response_ids=list(response_ids),
+                response_mask=list(mask),
+                response_logprobs=list(logprobs),
+                reward_score=reward,
+                num_turns=len(info.messages),
+                metrics=AgentLoopMetrics(generate_sequences=info.generation_s, tool_calls=info.tool_s),
+                extra_fields=dict(asdict(info), segment=index),
+            ))
+        return outputs if len(outputs) > 1 else outputs[0]
 
     async def _output_without_session(
         self, raw_prompt: list[dict[str, Any]], info: RolloutInfo, start: float

@@ -40,10 +40,19 @@ class TrajectoryRecord(BaseModel):
     messages: list[dict[str, Any]] = Field(default_factory=list)
     group_id: str = ""  # GRPO group: rollouts of the same prompt
     global_step: int = -1  # trainer step; -1 outside training
+    num_segments: int = 1  # token segments (a rewritten history starts a new one)
 
     @classmethod
-    def from_output(cls, output: AgentLoopOutput, *, data_source: str, policy: str) -> TrajectoryRecord:
-        """Build a record from a ``SWEAgentLoop`` output (its ``extra_fields`` carry ``RolloutInfo``)."""
+    def from_output(
+        cls, output: AgentLoopOutput | list[AgentLoopOutput], *, data_source: str, policy: str
+    ) -> TrajectoryRecord:
+        """Build a record from a ``SWEAgentLoop`` output (its ``extra_fields`` carry ``RolloutInfo``).
+
+        For a multi-segment rollout (a list), token counts add up over the segments and
+        the rest comes from the last one.
+        """
+        outputs = output if isinstance(output, list) else [output]
+        output = outputs[-1]
         extra = output.extra_fields
         return cls(
             instance_id=extra["instance_id"],
@@ -57,11 +66,11 @@ class TrajectoryRecord(BaseModel):
             masked=bool(extra["masked"]),
             num_turns=output.num_turns,
             num_llm_calls=int(extra["num_llm_calls"]),
-            prompt_tokens=len(output.prompt_ids),
-            response_tokens=len(output.response_ids),
-            response_mask_len=len(output.response_mask),
-            sampled_tokens=sum(output.response_mask),
-            logprobs_len=len(output.response_logprobs or []),
+            prompt_tokens=sum(len(o.prompt_ids) for o in outputs),
+            response_tokens=sum(len(o.response_ids) for o in outputs),
+            response_mask_len=sum(len(o.response_mask) for o in outputs),
+            sampled_tokens=sum(sum(o.response_mask) for o in outputs),
+            logprobs_len=sum(len(o.response_logprobs or []) for o in outputs),
             generation_s=float(extra["generation_s"]),
             tool_s=float(extra["tool_s"]),
             total_s=float(extra["total_s"]),
@@ -71,6 +80,7 @@ class TrajectoryRecord(BaseModel):
             messages=extra["messages"],
             group_id=extra.get("group_id") or extra["instance_id"],
             global_step=int(extra.get("global_step", -1)),
+            num_segments=len(outputs),
         )
 
     def prediction(self, model_name: str) -> dict[str, str]:

@@ -44,9 +44,48 @@ def keep_failed_turns(model):
     return model
 
 
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    A SIGKILLed rollout command cannot kill its agents; without this they would
+    run on (they live in their own sessions) until the next start-up reaper.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import os
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the prctl
+        os._exit(1)
+
+
+def isolated_environment(base_cls, command_prefix: list[str]):
+    """A mini-swe-agent environment class whose commands run under ``command_prefix`` (bwrap).
+
+    The command string goes through ``shlex.join`` so the shell that mini-swe-agent's
+    ``LocalEnvironment`` starts passes it to ``bwrap ... bash -c`` verbatim.
+    """
+    import shlex
+
+    class IsolatedEnvironment(base_cls):
+        def execute(self, action: dict, cwd: str = "", *, timeout: int | None = None):
+            if command_prefix:
+                action = {**action, "command": shlex.join([*command_prefix, "bash", "-c", action.get("command", "")])}
+            return super().execute(action, cwd, timeout=timeout)
+
+    return IsolatedEnvironment
+
+
 def main(spec_path: str) -> int:
     from recipe.runners.spec import RunnerResult, RunnerSpec
 
+    die_with_parent()
     spec = RunnerSpec.model_validate_json(Path(spec_path).read_text())
     result = RunnerResult(exit_status="AgentNotStarted")
     try:
@@ -73,7 +112,8 @@ def main(spec_path: str) -> int:
         )
         model = keep_failed_turns(get_model(config=model_cfg))
         env_cfg = dict(defaults.get("environment", {}))
-        env = LocalEnvironment(cwd=spec.workdir, env=env_cfg.get("env", {}), timeout=spec.command_timeout_s)
+        env_cls = isolated_environment(LocalEnvironment, spec.command_prefix) if spec.command_prefix else LocalEnvironment
+        env = env_cls(cwd=spec.workdir, env=env_cfg.get("env", {}), timeout=spec.command_timeout_s)
         agent_cfg = dict(defaults["agent"])
         agent_cfg.update(
             step_limit=spec.step_limit,

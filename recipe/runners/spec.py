@@ -21,6 +21,8 @@ class RunnerSpec(BaseModel):
     turn_timeout_s: float = 600.0
     trajectory_path: str | None = None
     result_path: str
+    # argv prefix wrapping each bash command (the sandbox's bubblewrap call); empty = run directly.
+    command_prefix: list[str] = Field(default_factory=list)
 
 
 class RunnerResult(BaseModel):
