@@ -1,7 +1,19 @@
 """A local sandbox: a private git working copy of the task repo per rollout.
 
-Isolation here is by directory and process bookkeeping only (no namespaces): the
-agent's commands run as ordinary processes in the copy. Every process a rollout
+Two isolation levels. ``isolation="none"``: directory and process bookkeeping
+only, the agent's commands run as ordinary processes in the copy (``isolated``
+is False and a warning is logged once per sandbox). ``isolation="bwrap"``: the
+agent's commands are wrapped by ``command_prefix`` (bubblewrap, ``sandbox/bwrap.py``):
+no network, read-only host, the work tree and home as the only writable places,
+a private /tmp, other rollouts, the task repos and ``hide_paths`` invisible.
+``"auto"`` picks bwrap when it works here.
+
+Leak-proofing for crashed runs: each sandbox directory holds ``owner.json``
+(pid and start time of the process that made it, and the rollout id);
+``reap_stale_sandboxes(parent_dir)`` -- run at start-up and exit -- kills the
+marked processes of sandboxes whose owner is dead and deletes their directories.
+
+The process bookkeeping: Every process a rollout
 starts inherits ``SWE_ROLLOUT_ID=<rollout id>`` in its environment; teardown kills
 the rollout's process groups and then every process still carrying that marker,
 so commands that started their own session (mini-swe-agent runs each command
@@ -11,8 +23,11 @@ with ``start_new_session``) or daemonised are not left behind.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import shutil
+import time
 import signal
 import tempfile
 import uuid
@@ -22,11 +37,18 @@ from pathlib import Path
 import psutil
 
 from prepare.task import SWETask
+from sandbox.bwrap import BwrapProbe, bwrap_argv, probe_bwrap
 from sandbox.gitrepo import checkout_copy, diff_against
 from sandbox.process import kill_process_group
 
+logger = logging.getLogger(__name__)
+
 ROLLOUT_MARKER_ENV = "SWE_ROLLOUT_ID"
 SANDBOX_PREFIX = "swe-sandbox-"
+OWNER_FILE = "owner.json"
+# A sandbox directory without an owner file older than this is a half-made one from a crash, seconds.
+ORPHAN_GRACE_S = 300.0
+ISOLATION_MODES = ("none", "bwrap", "auto")
 
 
 class SandboxError(RuntimeError):
@@ -74,6 +96,57 @@ def kill_marked_processes(rollout_id: str, rounds: int = 3) -> int:
     return killed
 
 
+def _owner_record(rollout_id: str) -> dict:
+    me = psutil.Process()
+    return {"pid": me.pid, "create_time": me.create_time(), "rollout_id": rollout_id}
+
+
+def _owner_alive(record: dict) -> bool:
+    try:
+        proc = psutil.Process(int(record["pid"]))
+        # The start time tells a reused pid from the owner.
+        return abs(proc.create_time() - float(record["create_time"])) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, KeyError, ValueError, TypeError):
+        return False
+
+
+def reap_stale_sandboxes(parent_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Remove sandboxes left by dead runs under ``parent_dir`` (default: the system temp dir).
+
+    A sandbox is stale when its ``owner.json`` names a process that is gone (pid and
+    start time), or when it has no owner file and is older than ``ORPHAN_GRACE_S``.
+    Its marked processes (``SWE_ROLLOUT_ID``) are SIGKILLed before the directory
+    is deleted. Returns the removed directories. Blocking: run in a thread from async code.
+    """
+    parent = Path(parent_dir or tempfile.gettempdir())
+    removed = []
+    try:
+        candidates = sorted(p for p in parent.iterdir() if p.name.startswith(SANDBOX_PREFIX) and p.is_dir())
+    except FileNotFoundError:
+        return []
+    for root in candidates:
+        try:
+            record = json.loads((root / OWNER_FILE).read_text())
+        except FileNotFoundError:
+            try:
+                if time.time() - root.stat().st_mtime < ORPHAN_GRACE_S:
+                    continue
+            except FileNotFoundError:
+                continue
+            record = {}
+        except (OSError, ValueError):
+            record = {}
+        if record and _owner_alive(record):
+            continue
+        if record.get("rollout_id"):
+            kill_marked_processes(str(record["rollout_id"]))
+        shutil.rmtree(root, ignore_errors=True)
+        removed.append(root)
+    if removed:
+        logger.warning("reaped %d stale sandbox(es) under %s", len(removed), parent)
+    return removed
+
+
 @dataclass
 class LocalSandbox:
     """One rollout's private working copy and the processes started in it.
@@ -84,6 +157,8 @@ class LocalSandbox:
         workdir: the git work tree at ``task.base_commit`` (``root/repo``).
         home: a private scratch directory for agent config/state (``root/home``).
         task: the task this sandbox was made for.
+        isolation: ``"bwrap"`` or ``"none"`` (what is in force, after ``auto``).
+        command_prefix: argv prefix that runs one agent command isolated (empty when not).
     """
 
     rollout_id: str
@@ -91,31 +166,72 @@ class LocalSandbox:
     workdir: Path
     home: Path
     task: SWETask
+    isolation: str = "none"
+    command_prefix: list[str] = field(default_factory=list)
     _process_groups: list[int] = field(default_factory=list)
     _closed: bool = False
 
+    @property
+    def isolated(self) -> bool:
+        """True when the agent's commands run under bubblewrap."""
+        return self.isolation == "bwrap"
+
     @classmethod
     async def create(
-        cls, task: SWETask, *, parent_dir: str | None = None, rollout_id: str | None = None
+        cls,
+        task: SWETask,
+        *,
+        parent_dir: str | None = None,
+        rollout_id: str | None = None,
+        isolation: str = "none",
+        hide_paths: list[str] | tuple[str, ...] = (),
+        bwrap: BwrapProbe | None = None,
     ) -> LocalSandbox:
         """Copy ``task.repo_path`` at ``task.base_commit`` into a new temp directory.
 
         Args:
             parent_dir: where sandboxes are made (default: the system temp dir).
+            isolation: ``none``, ``bwrap`` (fails if bwrap does not work) or ``auto``.
+            hide_paths: more directories/files the agent's commands must not see under
+                bwrap (the task data directory, hidden tests); the sandbox parent and
+                the task repository's directory are always hidden.
+            bwrap: a ``probe_bwrap()`` result to reuse (probing costs a subprocess).
 
         Raises:
-            SandboxError: the repo is missing or cannot be checked out; nothing is left on disk.
+            SandboxError: the repo is missing or cannot be checked out, or bwrap was
+                required and does not work; nothing is left on disk.
+            ValueError: unknown ``isolation``.
         """
+        if isolation not in ISOLATION_MODES:
+            raise ValueError(f"isolation must be one of {ISOLATION_MODES}, got {isolation!r}")
         rollout_id = rollout_id or uuid.uuid4().hex
         if not task.repo_path:
             raise SandboxError(f"{task.instance_id}: task has no repo_path (a Docker image task?)")
+        probe = None
+        if isolation != "none":
+            probe = bwrap or await asyncio.to_thread(probe_bwrap)
+            if not probe.available and isolation == "bwrap":
+                raise SandboxError(f"{task.instance_id}: isolation=bwrap but {probe.reason}")
         if parent_dir:
             os.makedirs(parent_dir, exist_ok=True)
         root = Path(tempfile.mkdtemp(prefix=SANDBOX_PREFIX, dir=parent_dir))
         box = cls(rollout_id=rollout_id, root=root, workdir=root / "repo", home=root / "home", task=task)
         try:
+            (root / OWNER_FILE).write_text(json.dumps(_owner_record(rollout_id)))
             box.home.mkdir()
             await checkout_copy(task.repo_path, task.base_commit, box.workdir)
+            if probe is not None and probe.available:
+                hidden = [str(root.parent), str(Path(task.repo_path).resolve().parent), *hide_paths]
+                keep = [task.env_bin] if task.env_bin else []
+                box.command_prefix = bwrap_argv(
+                    probe.executable or "bwrap", writable=[box.workdir, box.home], hide=hidden,
+                    keep_visible=keep, chdir=box.workdir,
+                )
+                box.isolation = "bwrap"
+            elif probe is not None:
+                logger.warning("sandbox %s is NOT isolated (%s): commands see the host and the network", rollout_id, probe.reason)
+            else:
+                logger.info("sandbox %s is not isolated (isolation=none)", rollout_id)
         except BaseException as exc:
             await asyncio.shield(box.teardown())
             if isinstance(exc, Exception):
@@ -130,6 +246,10 @@ class LocalSandbox:
         env["HOME"] = str(self.home)
         env["TMPDIR"] = str(self.home)
         return env
+
+    def wrap_command(self, command: str) -> list[str]:
+        """argv running ``bash -c command`` in this sandbox (under bwrap when isolated)."""
+        return [*self.command_prefix, "bash", "-c", command]
 
     def track_process_group(self, pgid: int) -> None:
         """Register a process group (e.g. the agent's) to kill at teardown."""

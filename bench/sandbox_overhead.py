@@ -1,0 +1,181 @@
+"""Fixed cost of a rollout outside the agent's own work, measured in one run.
+
+    python bench/sandbox_overhead.py [--data data/simple/test.parquet] [--concurrency 1,8,32] [--reps 5]
+
+1. Sandbox create + teardown for a small task repo (the first task of ``--data``) and a
+   large synthetic one (``--large-files`` files, ~``--large-mb`` MB), by copy method:
+   ``clone`` (what ``LocalSandbox`` does: ``git clone --no-hardlinks`` + checkout),
+   ``hardlink-clone`` (``git clone --local``: objects hard-linked), ``worktree``
+   (``git worktree add`` on the task repo) and ``reflink`` (``cp -a --reflink=auto``
+   of a checked-out copy; a real reflink only on btrfs/xfs, else a plain copy).
+2. At each concurrency: sandbox create+teardown, agent process start (the
+   mini-swe-agent entry's imports), grading the reference patch, and the whole
+   rollout with ``policy=empty`` (sandbox, agent start, proxy session, one scripted
+   turn, patch extraction, grading) -- everything but the agent's own work.
+
+Prints mean seconds per item and ratios (against concurrency 1, against the
+``clone`` method, and against seed 001's 26.5 s mean container start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from prepare.task import SWETask  # noqa: E402
+from sandbox.gitrepo import GIT_ENV  # noqa: E402
+from sandbox.local import LocalSandbox  # noqa: E402
+
+SEED_CONTAINER_START_S = 26.5
+
+
+def _git(cwd, *args):
+    subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True, env={**os.environ, **GIT_ENV})
+
+
+def make_large_repo(path: Path, files: int, mb: int) -> str:
+    """A git repo with ``files`` files totalling ~``mb`` MB of text; returns HEAD."""
+    path.mkdir(parents=True)
+    per = max(1, mb * (1 << 20) // files)
+    line = "x = 'abcdefghijklmnopqrstuvwxyz0123456789'\n"
+    body = line * (per // len(line) + 1)
+    for i in range(files):
+        d = path / f"pkg{i % 50}"
+        d.mkdir(exist_ok=True)
+        (d / f"mod{i}.py").write_text(f"# {i}\n{body}")
+    _git(path, "init", "-q")
+    _git(path, "add", "-A")
+    _git(path, "commit", "-qm", "base")
+    return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+async def _run(*argv: str, cwd: str | None = None) -> None:
+    proc = await asyncio.create_subprocess_exec(*argv, cwd=cwd, env={**os.environ, **GIT_ENV},
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"{argv}: {err.decode()[-500:]}")
+
+
+async def copy_once(method: str, task: SWETask, parent: Path, pristine: Path) -> float:
+    """Create and remove one working copy by ``method``; seconds."""
+    t0 = time.perf_counter()
+    if method == "clone":
+        box = await LocalSandbox.create(task, parent_dir=str(parent))
+        await box.teardown()
+        return time.perf_counter() - t0
+    dest = Path(tempfile.mkdtemp(dir=parent)) / "repo"
+    if method == "hardlink-clone":
+        await _run("git", "clone", "-q", "--local", "--no-checkout", task.repo_path, str(dest))
+        await _run("git", "-C", str(dest), "checkout", "-q", "--detach", task.base_commit)
+    elif method == "worktree":
+        await _run("git", "-C", task.repo_path, "worktree", "add", "-q", "--detach", str(dest), task.base_commit)
+    elif method == "reflink":
+        await _run("cp", "-a", "--reflink=auto", str(pristine), str(dest))
+    if method == "worktree":
+        await _run("git", "-C", task.repo_path, "worktree", "remove", "--force", str(dest))
+    await asyncio.to_thread(shutil.rmtree, dest.parent, True)
+    return time.perf_counter() - t0
+
+
+async def bench_copies(tasks: dict[str, SWETask], reps: int, work: Path) -> dict:
+    out = {}
+    for label, task in tasks.items():
+        pristine = work / f"pristine-{label}"
+        await _run("git", "clone", "-q", "--no-hardlinks", task.repo_path, str(pristine))
+        for method in ("clone", "hardlink-clone", "worktree", "reflink"):
+            times = [await copy_once(method, task, work, pristine) for _ in range(reps)]
+            out[(label, method)] = sum(times) / len(times)
+    return out
+
+
+async def concurrent(fn, c: int) -> tuple[float, float]:
+    """(mean seconds per item, wall seconds) of ``c`` concurrent ``fn()`` calls."""
+    t0 = time.perf_counter()
+    times = await asyncio.gather(*(fn() for _ in range(c)))
+    return sum(times) / c, time.perf_counter() - t0
+
+
+async def timed(coro_fn) -> float:
+    t0 = time.perf_counter()
+    await coro_fn()
+    return time.perf_counter() - t0
+
+
+async def bench_fixed(task: SWETask, data: str, levels: list[int], work: Path) -> dict:
+    from recipe.rollout import load_config, run_rollouts
+    from reward.grading import grade_patch
+
+    async def sandbox_cycle():
+        box = await LocalSandbox.create(task, parent_dir=str(work / "boxes"))
+        await box.teardown()
+
+    async def agent_start():
+        await _run(sys.executable, "-c",
+                   "import minisweagent.agents.default, minisweagent.models, minisweagent.environments.local")
+
+    async def grade():
+        await grade_patch(task, task.patch, timeout_s=300)
+
+    out = {}
+    for c in levels:
+        for name, fn in (("sandbox", sandbox_cycle), ("agent_start", agent_start), ("grading", grade)):
+            out[(name, c)] = await concurrent(lambda fn=fn: timed(fn), c)
+        cfg = load_config([f"data={data}", "policy=empty", f"concurrency={c}", f"n={c}", "limit=1",
+                           f"out_dir={work / f'rollout-{c}'}"])
+        t0 = time.perf_counter()
+        summary = await run_rollouts(cfg)
+        wall = time.perf_counter() - t0
+        out[("whole_rollout", c)] = (summary["all"]["mean_total_s"], wall)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(ROOT / "data/simple/test.parquet"))
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--large-files", type=int, default=3000)
+    ap.add_argument("--large-mb", type=int, default=60)
+    args = ap.parse_args(argv)
+    from recipe.rollout import read_rows
+
+    task = SWETask.from_extra_info(read_rows(args.data, 1)[0]["extra_info"])
+    levels = [int(x) for x in args.concurrency.split(",")]
+    with tempfile.TemporaryDirectory(prefix="bench-sandbox-") as tmp:
+        work = Path(tmp)
+        head = make_large_repo(work / "large_repo", args.large_files, args.large_mb)
+        large = SWETask(instance_id="large", repo="bench/large", base_commit=head, problem_statement="-",
+                        repo_path=str(work / "large_repo"))
+        copies = asyncio.run(bench_copies({"small": task, "large": large}, args.reps, work))
+        fixed = asyncio.run(bench_fixed(task, args.data, levels, work))
+
+    print(f"\n== sandbox create+teardown by copy method (mean of {args.reps}, seconds) ==")
+    for label in ("small", "large"):
+        base = copies[(label, "clone")]
+        for method in ("clone", "hardlink-clone", "worktree", "reflink"):
+            t = copies[(label, method)]
+            print(f"{label:6s} {method:15s} {t:7.3f} s   clone/this = {base / t:5.2f}x   "
+                  f"seed container start/this = {SEED_CONTAINER_START_S / t:7.1f}x")
+    print("\n== fixed cost per rollout by concurrency (mean seconds per item; wall seconds for the batch) ==")
+    for name in ("sandbox", "agent_start", "grading", "whole_rollout"):
+        base = fixed[(name, levels[0])][0]
+        for c in levels:
+            mean, wall = fixed[(name, c)]
+            print(f"{name:14s} c={c:3d}  mean {mean:7.3f} s  wall {wall:7.2f} s  "
+                  f"mean/c={levels[0]} {mean / base:5.2f}x  throughput {c / wall:6.2f}/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

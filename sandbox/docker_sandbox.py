@@ -1,0 +1,248 @@
+"""A Docker sandbox per rollout (docker SDK), for SWE-bench-style tasks with per-task images.
+
+What users of other SWE-RL stacks report (leaked containers, commands running on
+after a timeout, sandbox OOMs) is handled here:
+
+- every container is labelled ``swe-rl.sandbox=1``, ``swe-rl.rollout-id`` and
+  ``swe-rl.owner`` (``host:pid:start-time`` of the process that made it);
+  ``reap_containers`` removes those whose owner process is dead (run it at
+  start-up) or all of our own (run it at exit);
+- memory/CPU/pids limits at creation, ``cgroup_parent`` into the resource shim's
+  group (``RolloutLease.cgroup_path`` relative to the cgroup mount), no network
+  by default;
+- a start-concurrency cap (``start_concurrency``): image unpacking and container
+  start are the expensive part (seed 001: 26.5 s mean start), so a burst of
+  rollouts queues instead of thrashing the engine;
+- every command runs as ``timeout -s KILL <t> bash -c CMD`` inside the container,
+  so the kill happens inside even when the client side gives up; a host-side
+  backstop (``timeout + kill_grace_s``) kills the whole container.
+
+All SDK calls are blocking and run in worker threads. ``container_run_kwargs``
+is a pure function (tested against the SDK's own argument conversion without an engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+from prepare.task import SWETask
+from sandbox.process import CommandResult
+
+logger = logging.getLogger(__name__)
+
+LABEL_SANDBOX = "swe-rl.sandbox"
+LABEL_ROLLOUT = "swe-rl.rollout-id"
+LABEL_OWNER = "swe-rl.owner"
+WORKDIR = "/testbed"  # SWE-bench images keep the repository here
+
+
+@dataclass
+class DockerSettings:
+    """Limits and timeouts of Docker sandboxes (bytes, cores, seconds).
+
+    ``image_template`` makes the image name from the task when ``task.image_name`` is empty
+    (SWE-bench: ``swebench/sweb.eval.x86_64.{instance_id}:latest`` with ``__`` -> ``_1776_``).
+    """
+
+    image_template: str = "swebench/sweb.eval.x86_64.{instance_id}:latest"
+    memory_bytes: int = 8 << 30
+    cpus: float = 2.0
+    pids_limit: int = 4096
+    network_disabled: bool = True
+    start_concurrency: int = 8
+    # Kill grace after a command's own timeout before the host kills the container, seconds.
+    kill_grace_s: float = 10.0
+    # Container start (including the image unpack) limit, seconds.
+    start_timeout_s: float = 300.0
+    workdir: str = WORKDIR
+
+
+def owner_id() -> str:
+    """``host:pid:start-time`` of this process (start time tells a reused pid apart)."""
+    me = psutil.Process()
+    return f"{socket.gethostname()}:{me.pid}:{me.create_time():.2f}"
+
+
+def owner_alive(owner: str) -> bool:
+    """Whether the process named by an ``owner_id()`` string runs on this host (other hosts: assumed alive)."""
+    try:
+        host, pid, started = owner.rsplit(":", 2)
+        if host != socket.gethostname():
+            return True
+        proc = psutil.Process(int(pid))
+        return abs(proc.create_time() - float(started)) < 1.0
+    except (ValueError, psutil.NoSuchProcess):
+        return False
+
+
+def image_for(task: SWETask, settings: DockerSettings) -> str:
+    if task.image_name:
+        return task.image_name
+    return settings.image_template.format(instance_id=task.instance_id.replace("__", "_1776_").lower())
+
+
+def container_run_kwargs(
+    task: SWETask, rollout_id: str, settings: DockerSettings, *, owner: str, cgroup_parent: str | None = None
+) -> dict[str, Any]:
+    """Arguments for ``client.containers.run`` (detached, kept alive by ``sleep infinity``).
+
+    Units: ``mem_limit`` bytes (swap disabled by ``memswap_limit`` = same), ``nano_cpus``
+    1e-9 cores, ``pids_limit`` processes.
+    """
+    kwargs: dict[str, Any] = {
+        "image": image_for(task, settings),
+        "command": ["sleep", "infinity"],
+        "detach": True,
+        "name": f"swe-rl-{rollout_id}",
+        "labels": {LABEL_SANDBOX: "1", LABEL_ROLLOUT: rollout_id, LABEL_OWNER: owner},
+        "working_dir": settings.workdir,
+        "mem_limit": int(settings.memory_bytes),
+        "memswap_limit": int(settings.memory_bytes),
+        "nano_cpus": int(settings.cpus * 1e9),
+        "pids_limit": int(settings.pids_limit),
+        "init": True,  # reaps zombies of killed commands
+        "environment": {"SWE_ROLLOUT_ID": rollout_id},
+    }
+    if settings.network_disabled:
+        kwargs["network_mode"] = "none"
+    if cgroup_parent:
+        kwargs["cgroup_parent"] = cgroup_parent
+    return kwargs
+
+
+def exec_argv(command: str, timeout_s: float) -> list[str]:
+    """The in-container argv: coreutils ``timeout`` SIGKILLs the command inside at ``timeout_s``."""
+    return ["timeout", "-s", "KILL", f"{max(1, int(timeout_s))}s", "bash", "-c", command]
+
+
+class DockerSandbox:
+    """One rollout's container (create with ``DockerSandboxFactory.create``)."""
+
+    def __init__(self, container: Any, rollout_id: str, task: SWETask, settings: DockerSettings):
+        self.container = container
+        self.rollout_id = rollout_id
+        self.task = task
+        self.settings = settings
+        self.isolated = True
+        self._closed = False
+
+    async def run(self, command: str, *, timeout_s: float) -> CommandResult:
+        """Run ``bash -c command`` in the work tree; killed inside at ``timeout_s`` (exit 137 -> timed_out).
+
+        A client-side backstop at ``timeout_s + kill_grace_s`` kills the container itself.
+        """
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        call = asyncio.to_thread(
+            self.container.exec_run, exec_argv(command, timeout_s), workdir=self.settings.workdir, demux=False
+        )
+        try:
+            code, out = await asyncio.wait_for(call, timeout=timeout_s + self.settings.kill_grace_s)
+        except asyncio.TimeoutError:
+            await asyncio.to_thread(self.container.kill)
+            return CommandResult(-9, "", True, loop.time() - start)
+        text = (out or b"").decode("utf-8", errors="replace")
+        return CommandResult(code, text, code in (124, 137), loop.time() - start)
+
+    async def extract_patch(self) -> str:
+        """``git diff`` of the container's work tree against the base commit (new files included)."""
+        cmd = f"git add -A && git diff --cached --binary {self.task.base_commit}"
+        res = await self.run(cmd, timeout_s=120)
+        if res.returncode != 0:
+            raise RuntimeError(f"git diff failed in container: {res.output[-2000:]}")
+        return res.output
+
+    async def teardown(self) -> None:
+        """Remove the container (force: kills what runs). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.shield(asyncio.to_thread(_remove, self.container))
+
+
+def _remove(container: Any) -> None:
+    try:
+        container.remove(force=True)
+    except Exception as exc:  # already gone (404) or the engine went away: nothing left to do here
+        logger.debug("container remove: %s", exc)
+
+
+class DockerSandboxFactory:
+    """Creates Docker sandboxes with a start-concurrency cap, and reaps leftovers.
+
+    Args:
+        client: a ``docker.DockerClient`` (``docker.from_env()``).
+    """
+
+    def __init__(self, client: Any, settings: DockerSettings | None = None):
+        self.client = client
+        self.settings = settings or DockerSettings()
+        self.owner = owner_id()
+        self._starts = asyncio.Semaphore(self.settings.start_concurrency)
+
+    async def create(self, task: SWETask, rollout_id: str, *, cgroup_parent: str | None = None) -> DockerSandbox:
+        """Start the task's container (waits for a start slot).
+
+        Raises:
+            RuntimeError: the container did not start within ``start_timeout_s``.
+        """
+        kwargs = container_run_kwargs(task, rollout_id, self.settings, owner=self.owner, cgroup_parent=cgroup_parent)
+        async with self._starts:
+            try:
+                container = await asyncio.wait_for(
+                    asyncio.to_thread(self.client.containers.run, **kwargs), timeout=self.settings.start_timeout_s
+                )
+            except asyncio.TimeoutError:
+                # The start may still complete: remove by label so nothing is left.
+                await asyncio.to_thread(self.reap, only_rollout=rollout_id)
+                raise RuntimeError(f"container for {rollout_id} did not start in {self.settings.start_timeout_s} s") from None
+        return DockerSandbox(container, rollout_id, task, self.settings)
+
+    def reap(self, *, own: bool = False, only_rollout: str | None = None) -> list[str]:
+        """Remove our labelled containers whose owner is dead (``own=True``: also this process's).
+
+        Returns the removed containers' rollout ids. Blocking.
+        """
+        filters = {"label": [f"{LABEL_SANDBOX}=1"]}
+        if only_rollout:
+            filters["label"].append(f"{LABEL_ROLLOUT}={only_rollout}")
+        removed = []
+        for c in self.client.containers.list(all=True, filters=filters):
+            labels = c.labels or {}
+            owner = labels.get(LABEL_OWNER, "")
+            mine = owner == self.owner
+            if only_rollout or (mine and own) or (not mine and not owner_alive(owner)):
+                _remove(c)
+                removed.append(labels.get(LABEL_ROLLOUT, c.id))
+        if removed:
+            logger.warning("removed %d leftover sandbox container(s)", len(removed))
+        return removed
+
+
+def docker_engine_available() -> tuple[bool, str]:
+    """(True, "ok") when a Docker engine answers ping; else (False, why) for skip reasons and logs."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=5)
+        client.ping()
+        return True, "ok"
+    except Exception as exc:
+        return False, f"no Docker engine reachable ({type(exc).__name__}: {str(exc)[:200]})"
+
+
+def cgroup_parent_for(group_path: str | os.PathLike[str] | None, mount: str = "/sys/fs/cgroup") -> str | None:
+    """Docker's ``--cgroup-parent`` (cgroupfs driver) for a shim group: its path below the cgroup mount."""
+    if group_path is None:
+        return None
+    rel = os.path.relpath(os.fspath(group_path), mount)
+    if rel.startswith(".."):
+        raise ValueError(f"{group_path} is not under the cgroup mount {mount}")
+    return "/" + rel

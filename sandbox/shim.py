@@ -1,0 +1,549 @@
+"""The phase-aware resource shim: per-rollout cgroups whose memory limits follow the agent's phase.
+
+Why (seed 001, DESIGN.md "Resource shim"): a coding agent holds a ~185 MB
+baseline while the model thinks and bursts to 0.5-4 GB for 1-2 s while a tool
+runs; 98.5% of bursts happen inside tool calls. Static limits waste memory
+(at peak) or OOM (at mean); user-space controllers reacting to pressure arrive
+10-100 ms late. The ModelProxy knows the phase boundaries exactly (a response
+leaving = a tool is about to run; the next request arriving = it finished), so
+the shim moves limits at the boundary instead:
+
+- **admission**: a rollout starts only when the shared pool can reserve its
+  baseline (``baseline_bytes``); otherwise it waits in a FIFO queue
+  (``admission_timeout_s``) instead of overcommitting.
+- **inference phase**: ``memory.high`` = the reservation = max(baseline, current
+  usage) (never below what the group holds: lowering under usage would force a
+  reclaim storm); ``memory.min``/``memory.low`` protect the baseline.
+- **tool phase** (``on_phase("tool")``, just before the tool runs): a burst grant
+  is taken from the pool and ``memory.high`` raised to reservation + grant. The
+  grant is learned per rollout (1.25 x the largest tool usage seen so far, between
+  ``burst_min_bytes`` and ``burst_max_bytes``). When the pool is short the tool is
+  queued for its grant and runs throttled under ``memory.high`` meanwhile -- it is
+  slowed, never OOM-killed (``memory.high`` never OOM-kills).
+- **growth past the grant**: ``poll()`` (called by the monitor every
+  ``monitor_interval_s``) sees usage at the grant and asks the pool for a larger
+  one (doubling); while it waits, the group is throttled, not killed.
+- **end of tool** (``on_phase("inference")``): the grant is returned, down to
+  current usage (retry loops keep memory; that stays reserved).
+- ``memory.max`` = ``hard_max_bytes`` for the whole rollout: the only OOM is a
+  single rollout exceeding the hard cap.
+
+Usage (the agent loop)::
+
+    shim = ResourceShim.from_settings(settings)          # once per worker
+    async with shim.rollout(rollout_id) as lease:          # may wait for admission
+        proc = spawn(lease.wrap_argv(argv))                 # or lease.add_pid(pid)
+        SessionConfig(..., on_phase=lease.on_phase)
+    lease.summary                                           # ShimRolloutSummary
+
+With ``enabled=False`` (the default) every call is a no-op and ``cgroup_path`` is None.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from sandbox.cgroup import CgroupController, CgroupStats, MemoryLimits, NoopController, make_controller
+
+logger = logging.getLogger(__name__)
+
+MiB = 1 << 20
+GiB = 1 << 30
+# Environment variable naming a delegated cgroup2 directory (tests and the CLI default).
+CGROUP_ROOT_ENV = "SWE_RL_CGROUP_ROOT"
+
+
+@dataclass
+class ShimSettings:
+    """Resource-shim configuration (bytes, seconds, cores).
+
+    ``pool_bytes=0`` means 80% of the machine's RAM. ``cgroup_root=None`` takes
+    ``$SWE_RL_CGROUP_ROOT``; without either the no-op controller is used (policy
+    decisions and measurements still run, limits are not enforced).
+    """
+
+    enabled: bool = False
+    cgroup_backend: str = "auto"  # auto | v2 | v1 | none
+    cgroup_root: str | None = None
+    pool_bytes: int = 0
+    baseline_bytes: int = 256 * MiB
+    burst_min_bytes: int = 128 * MiB
+    burst_max_bytes: int = 4 * GiB
+    hard_max_bytes: int = 8 * GiB
+    # Multiplier on the largest tool usage seen in this rollout when sizing the next grant.
+    burst_learn_factor: float = 1.25
+    # 0 = no cpu.max; the CPU is not the bottleneck (seed 001: 7-13% of a core on average).
+    cpu_quota_cores: float = 0.0
+    cpu_weight: int = 100
+    pids_max: int = 4096
+    # How long a rollout may wait for its baseline before AdmissionTimeout, seconds.
+    admission_timeout_s: float = 600.0
+    # Period of the growth/shrink check (poll), seconds.
+    monitor_interval_s: float = 0.05
+    # A grant unused (usage < half the limit) this long inside a tool is cut to 1.25x usage; 0 = never.
+    shrink_after_s: float = 1.0
+
+    def resolved_pool_bytes(self) -> int:
+        return self.pool_bytes or int(psutil.virtual_memory().total * 0.8)
+
+
+class AdmissionTimeout(TimeoutError):
+    """The pool could not reserve a rollout's baseline within ``admission_timeout_s``."""
+
+
+@dataclass
+class _Waiter:
+    owner: str
+    amount: int
+    on_grant: Callable[[], None]
+    cancelled: bool = False
+
+
+class MemoryPool:
+    """A shared byte budget with FIFO queueing (thread-safe; callbacks run outside the lock).
+
+    ``try_reserve`` succeeds only when nobody is queued ahead (strict FIFO, so a large
+    request is not starved by a stream of small ones).
+    """
+
+    def __init__(self, capacity: int):
+        if capacity <= 0:
+            raise ValueError(f"pool capacity must be positive, got {capacity}")
+        self.capacity = capacity
+        self.reserved: dict[str, int] = {}
+        self._queue: deque[_Waiter] = deque()
+        self._lock = threading.Lock()
+
+    @property
+    def used(self) -> int:
+        return sum(self.reserved.values())
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.used
+
+    @property
+    def queued(self) -> int:
+        return sum(1 for w in self._queue if not w.cancelled)
+
+    def try_reserve(self, owner: str, amount: int) -> bool:
+        """Add ``amount`` bytes to ``owner``'s reservation if it fits now and nobody waits."""
+        with self._lock:
+            if self._queue or amount > self.free:
+                return False
+            self.reserved[owner] = self.reserved.get(owner, 0) + amount
+            return True
+
+    def enqueue(self, owner: str, amount: int, on_grant: Callable[[], None]) -> _Waiter:
+        """Queue a request; ``on_grant()`` runs once the bytes are reserved for ``owner``.
+
+        Raises:
+            ValueError: ``amount`` exceeds the whole pool (it could never be granted).
+        """
+        if amount > self.capacity:
+            raise ValueError(f"{owner}: request of {amount} B exceeds the pool ({self.capacity} B)")
+        waiter = _Waiter(owner, amount, on_grant)
+        with self._lock:
+            self._queue.append(waiter)
+        self._serve()
+        return waiter
+
+    def cancel(self, waiter: _Waiter) -> None:
+        with self._lock:
+            waiter.cancelled = True
+            with contextlib.suppress(ValueError):
+                self._queue.remove(waiter)
+        self._serve()
+
+    def set_reservation(self, owner: str, amount: int) -> None:
+        """Set ``owner``'s reservation (lowering releases bytes to the queue; raising may overcommit
+        only by what the owner already holds in memory -- callers raise through try_reserve/enqueue)."""
+        with self._lock:
+            if amount <= 0:
+                self.reserved.pop(owner, None)
+            else:
+                self.reserved[owner] = amount
+        self._serve()
+
+    def release_all(self, owner: str) -> None:
+        with self._lock:
+            self.reserved.pop(owner, None)
+            for w in list(self._queue):
+                if w.owner == owner:
+                    w.cancelled = True
+                    self._queue.remove(w)
+        self._serve()
+
+    def _serve(self) -> None:
+        granted: list[_Waiter] = []
+        with self._lock:
+            while self._queue:
+                head = self._queue[0]
+                if head.cancelled:
+                    self._queue.popleft()
+                    continue
+                if head.amount > self.capacity - sum(self.reserved.values()):
+                    break
+                self._queue.popleft()
+                self.reserved[head.owner] = self.reserved.get(head.owner, 0) + head.amount
+                granted.append(head)
+        for w in granted:
+            try:
+                w.on_grant()
+            except Exception:  # a grant callback must not break the pool for others
+                logger.exception("grant callback of %s failed", w.owner)
+
+
+@dataclass
+class ToolCallStats:
+    """One tool call as the shim saw it (bytes, seconds)."""
+
+    start_s: float
+    end_s: float | None = None
+    grant_bytes: int = 0
+    peak_bytes: int = 0
+    queued_s: float = 0.0
+
+
+@dataclass
+class ShimRolloutSummary:
+    """What the shim did for one rollout (bytes, seconds).
+
+    ``decisions`` is the ordered log of ``(monotonic time, event, memory.high bytes)``.
+    """
+
+    rollout_id: str
+    admission_wait_s: float = 0.0
+    tool_calls: list[ToolCallStats] = field(default_factory=list)
+    queued_s: float = 0.0
+    final_stats: CgroupStats | None = None
+    decisions: list[tuple[float, str, int]] = field(default_factory=list)
+
+
+class RolloutLease:
+    """One admitted rollout's cgroup and its phase-driven limits (see module docstring).
+
+    Attributes:
+        rollout_id: the rollout's id.
+        cgroup_path: the group directory (write pids to its ``cgroup.procs``); None without cgroups.
+        summary: the decisions and per-tool-call numbers so far.
+    """
+
+    def __init__(self, shim: ResourceShim, rollout_id: str, group: Path | None):
+        self.shim = shim
+        self.settings = shim.settings
+        self.rollout_id = rollout_id
+        self.cgroup_path = group
+        self.summary = ShimRolloutSummary(rollout_id=rollout_id)
+        self.phase = "inference"
+        self.reservation = self.settings.baseline_bytes  # held in the pool besides the grant
+        self.grant = 0
+        self.largest_tool_bytes = 0
+        self._waiter = None
+        self._idle_since: float | None = None
+        self._epoch = 0  # phase boundaries so far; a grant for an older phase is returned
+        self._queued_since: float | None = None
+        self._lock = threading.RLock()
+        self._closed = False
+
+    # -- process placement ---------------------------------------------------------------------
+
+    def add_pid(self, pid: int) -> None:
+        """Move ``pid`` into the rollout's group (no-op without cgroups)."""
+        if self.cgroup_path is not None:
+            self.shim.controller.add_pid(self.cgroup_path, pid)
+
+    def wrap_argv(self, argv: list[str]) -> list[str]:
+        """``argv`` started inside the group from its first instruction (no fork escapes before the move)."""
+        if self.cgroup_path is None:
+            return list(argv)
+        files = " ".join(shlex.quote(str(f)) for f in self.shim.controller.procs_files(self.cgroup_path))
+        return ["sh", "-c", f'for f in {files}; do echo $$ > "$f" || exit 125; done; exec "$@"', "sh", *argv]
+
+    # -- phase events ----------------------------------------------------------------------------
+
+    def on_phase(self, phase: str) -> None:
+        """The proxy's hook: ``"tool"`` when a response leaves, ``"inference"`` when a request arrives.
+
+        Quick (a few small file writes); never raises (errors are logged).
+        """
+        try:
+            with self._lock:
+                if self._closed or phase == self.phase:
+                    return
+                self.phase = phase
+                self._epoch += 1
+                if phase == "tool":
+                    self._start_tool()
+                elif phase == "inference":
+                    self._end_tool()
+                else:
+                    logger.warning("rollout %s: unknown phase %r", self.rollout_id, phase)
+        except Exception:
+            logger.exception("rollout %s: shim decision for phase %r failed", self.rollout_id, phase)
+
+    def poll(self) -> None:
+        """Grow the grant when usage reached the limit (called every ``monitor_interval_s``).
+
+        Runs in both phases: a tool that outgrows its grant, or a baseline that grew
+        (retry loops keep memory), asks the pool for more instead of staying throttled.
+        """
+        with self._lock:
+            if self._closed or self._waiter is not None:
+                return
+            usage = self._usage()
+            if self.phase == "tool" and self.summary.tool_calls:
+                call = self.summary.tool_calls[-1]
+                call.peak_bytes = max(call.peak_bytes, usage)
+            limit = self.reservation + self.grant
+            now = time.monotonic()
+            if usage < 0.5 * limit and self.grant > 0 and self.settings.shrink_after_s > 0:
+                # The burst is over but the call goes on: return the unused grant.
+                self._idle_since = self._idle_since or now
+                if now - self._idle_since >= self.settings.shrink_after_s:
+                    self.grant = max(0, int(1.25 * usage) - self.reservation)
+                    self.shim.pool.set_reservation(self.rollout_id, self.reservation + self.grant)
+                    self._apply_high(self.reservation + self.grant, "shrink")
+                    self._idle_since = None
+                return
+            self._idle_since = None
+            if usage < 0.9 * limit:
+                return
+            extra = max(self.grant, self.settings.burst_min_bytes)
+            extra = min(extra, self.settings.hard_max_bytes - limit)
+            if extra <= 0:
+                return
+            self._request(extra, "grow")
+
+    def _start_tool(self) -> None:
+        self.summary.tool_calls.append(ToolCallStats(start_s=time.monotonic()))
+        want = int(self.largest_tool_bytes * self.settings.burst_learn_factor) - self.reservation
+        want = max(self.settings.burst_min_bytes, min(self.settings.burst_max_bytes, want))
+        want = min(want, self.settings.hard_max_bytes - self.reservation)
+        self._request(want, "tool")
+
+    def _request(self, amount: int, why: str) -> None:
+        pool = self.shim.pool
+        if pool.try_reserve(self.rollout_id, amount):
+            self._granted(amount, why)
+            return
+        # Short pool: keep running under memory.high at the current level (throttled, not
+        # killed) and wait for the bytes in FIFO order.
+        self._queued_since = time.monotonic()
+        self._log(f"{why}:queued", self.reservation + self.grant)
+        epoch = self._epoch
+        self._waiter = pool.enqueue(self.rollout_id, amount, lambda: self._on_granted(amount, why, epoch))
+
+    def _on_granted(self, amount: int, why: str, epoch: int) -> None:
+        with self._lock:
+            self._waiter = None
+            if self._closed or epoch != self._epoch:
+                # The phase changed (or the rollout ended) before the grant arrived: give it back.
+                self.shim.pool.set_reservation(self.rollout_id, self.reservation)
+                return
+            self._granted(amount, why)
+
+    def _granted(self, amount: int, why: str) -> None:
+        if self._queued_since is not None:
+            waited = time.monotonic() - self._queued_since
+            self.summary.queued_s += waited
+            if self.summary.tool_calls:
+                self.summary.tool_calls[-1].queued_s += waited
+            self._queued_since = None
+        self.grant += amount
+        if self.summary.tool_calls:
+            self.summary.tool_calls[-1].grant_bytes = self.grant
+        self._apply_high(self.reservation + self.grant, f"{why}:granted")
+
+    def _end_tool(self) -> None:
+        if self._waiter is not None:
+            self.shim.pool.cancel(self._waiter)
+            self._waiter = None
+        if self._queued_since is not None:
+            waited = time.monotonic() - self._queued_since
+            self.summary.queued_s += waited
+            if self.summary.tool_calls:
+                self.summary.tool_calls[-1].queued_s += waited
+            self._queued_since = None
+        self._idle_since = None
+        usage = self._usage()
+        if self.summary.tool_calls:
+            call = self.summary.tool_calls[-1]
+            call.end_s = time.monotonic()
+            call.peak_bytes = max(call.peak_bytes, usage)
+            self.largest_tool_bytes = max(self.largest_tool_bytes, call.peak_bytes)
+        # Never below what the group holds now (retry loops keep memory between calls).
+        self.reservation = max(self.settings.baseline_bytes, usage)
+        self.grant = 0
+        self.shim.pool.set_reservation(self.rollout_id, self.reservation)
+        self._apply_high(self.reservation, "inference")
+
+    def _apply_high(self, high: int, event: str) -> None:
+        high = min(high, self.settings.hard_max_bytes)
+        self._log(event, high)
+        if self.cgroup_path is not None:
+            self.shim.controller.set_memory(self.cgroup_path, MemoryLimits(high=high))
+
+    def _usage(self) -> int:
+        if self.cgroup_path is None:
+            return 0
+        return self.shim.controller.stats(self.cgroup_path).memory_current or 0
+
+    def _log(self, event: str, high: int) -> None:
+        self.summary.decisions.append((time.monotonic(), event, int(high)))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if self._waiter is not None:
+                self.shim.pool.cancel(self._waiter)
+                self._waiter = None
+            self._closed = True
+
+
+class ResourceShim:
+    """Admission, pool and per-rollout leases over one cgroup controller (see module docstring)."""
+
+    def __init__(self, settings: ShimSettings, controller: CgroupController | None = None):
+        self.settings = settings
+        if settings.enabled:
+            root = settings.cgroup_root or os.environ.get(CGROUP_ROOT_ENV) or None
+            self.controller = controller or make_controller(settings.cgroup_backend, root)
+        else:
+            self.controller = NoopController()
+        self.pool = MemoryPool(settings.resolved_pool_bytes())
+        if settings.enabled and settings.baseline_bytes + settings.burst_min_bytes > self.pool.capacity:
+            raise ValueError("shim pool cannot hold one rollout's baseline plus its minimum burst")
+        self.leases: dict[str, RolloutLease] = {}
+
+    @classmethod
+    def from_settings(cls, settings: ShimSettings | dict | None) -> ResourceShim:
+        """Build from a ``ShimSettings``, a plain dict of its fields, or None (disabled).
+
+        Raises:
+            TypeError: an unknown field name in the dict.
+        """
+        if settings is None:
+            settings = ShimSettings()
+        elif isinstance(settings, dict):
+            settings = ShimSettings(**settings)
+        return cls(settings)
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.enabled
+
+    @contextlib.asynccontextmanager
+    async def rollout(self, rollout_id: str) -> AsyncIterator[RolloutLease]:
+        """Admit a rollout (waiting for its baseline), create and limit its group; undo all on exit.
+
+        On exit (normal, exception or cancellation) the group's processes are killed,
+        the group removed, and the rollout's pool bytes released.
+
+        Raises:
+            AdmissionTimeout: the baseline could not be reserved in ``admission_timeout_s``.
+        """
+        s = self.settings
+        if not s.enabled:
+            lease = RolloutLease(self, rollout_id, None)
+            lease._closed = True
+            yield lease
+            return
+        start = time.monotonic()
+        await self._admit(rollout_id)
+        lease: RolloutLease | None = None
+        monitor: asyncio.Task | None = None
+        try:
+            group = await asyncio.to_thread(self._create_group, rollout_id)
+            lease = RolloutLease(self, rollout_id, group)
+            lease.summary.admission_wait_s = time.monotonic() - start
+            lease._log("admit", s.baseline_bytes)
+            self.leases[rollout_id] = lease
+            if group is not None:
+                monitor = asyncio.create_task(self._monitor(lease))
+            yield lease
+        finally:
+            if monitor is not None:
+                monitor.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await monitor
+            if lease is not None:
+                lease.close()
+                self.leases.pop(rollout_id, None)
+                await asyncio.shield(asyncio.to_thread(self._finish, lease))
+            self.pool.release_all(rollout_id)
+
+    async def _admit(self, rollout_id: str) -> None:
+        s = self.settings
+        if self.pool.try_reserve(rollout_id, s.baseline_bytes):
+            return
+        loop = asyncio.get_running_loop()
+        granted = loop.create_future()
+
+        def on_grant() -> None:
+            loop.call_soon_threadsafe(lambda: granted.done() or granted.set_result(None))
+
+        waiter = self.pool.enqueue(rollout_id, s.baseline_bytes, on_grant)
+        try:
+            await asyncio.wait_for(asyncio.shield(granted), timeout=s.admission_timeout_s)
+        except asyncio.TimeoutError:
+            self.pool.cancel(waiter)
+            self.pool.release_all(rollout_id)
+            raise AdmissionTimeout(
+                f"rollout {rollout_id}: no {s.baseline_bytes} B free in the pool after {s.admission_timeout_s} s"
+            ) from None
+        except BaseException:
+            self.pool.cancel(waiter)
+            self.pool.release_all(rollout_id)
+            raise
+
+    def _create_group(self, rollout_id: str) -> Path | None:
+        s = self.settings
+        group = self.controller.create(rollout_id)
+        if group is None:
+            return None
+        self.controller.set_memory(
+            group, MemoryLimits(min=s.baseline_bytes, low=s.baseline_bytes, high=s.baseline_bytes, max=s.hard_max_bytes)
+        )
+        self.controller.set_cpu(group, quota_cores=s.cpu_quota_cores, weight=s.cpu_weight)
+        self.controller.set_pids(group, s.pids_max)
+        return group
+
+    def _finish(self, lease: RolloutLease) -> None:
+        if lease.cgroup_path is None:
+            return
+        try:
+            lease.summary.final_stats = self.controller.stats(lease.cgroup_path)
+        finally:
+            self.controller.remove(lease.cgroup_path)
+
+    async def _monitor(self, lease: RolloutLease) -> None:
+        while True:
+            await asyncio.sleep(self.settings.monitor_interval_s)
+            # A stats read is one small file: cheap, but kept off the event loop anyway.
+            await asyncio.to_thread(lease.poll)
+
+    def reap_stale_groups(self, live_rollout_ids: set[str] | None = None) -> list[Path]:
+        """Remove our groups not belonging to a live lease (left by a crashed run); returns them."""
+        live = set(self.leases) | (live_rollout_ids or set())
+        removed = []
+        for group in self.controller.list_groups():
+            rid = group.name.removeprefix(getattr(self.controller, "prefix", ""))
+            if rid in live:
+                continue
+            self.controller.remove(group)
+            removed.append(group)
+        return removed
