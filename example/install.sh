@@ -26,3 +26,9 @@ if [ ! -f "$stamp" ]; then
 fi
 # Debian's git is needed for task repos and sandboxes.
 command -v git >/dev/null || { echo "git is required (apt-get install git)" >&2; exit 1; }
+# Debian's bubblewrap isolates local sandboxes (no network, read-only host); without it they
+# run unisolated and say so.
+if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get install -y -q bubblewrap >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1; }) \
+    || echo "warning: bubblewrap could not be installed: local sandboxes run unisolated" >&2
+fi

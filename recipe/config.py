@@ -59,6 +59,13 @@ class SandboxSettings:
     backend: str = "local"
     # Parent directory for sandboxes; null = the system temp dir.
     parent_dir: str | None = None
+    # "auto" (bubblewrap when it works here, else unisolated with a warning), "bwrap" (required), "none".
+    isolation: str = "auto"
+    # Extra host paths the agent must not see under bwrap (e.g. the task data directory);
+    # the sandbox parent and the task repo's parent are always hidden.
+    hide_paths: list[str] = field(default_factory=list)
+    # Resource shim (sandbox.shim.ShimSettings fields); off unless `enabled: true` and a cgroup root exists.
+    shim: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -140,6 +147,8 @@ class SWEAgentConfig:
             raise ValueError(
                 f"swe_agent.proxy.on_history_rewrite={self.proxy.on_history_rewrite!r}: expected new_segment or error"
             )
+        if self.sandbox.isolation not in ("auto", "bwrap", "none"):
+            raise ValueError(f"swe_agent.sandbox.isolation={self.sandbox.isolation!r}: expected auto, bwrap or none")
         if self.reward.variant not in ("binary", "partial", "similarity"):
             raise ValueError(f"swe_agent.reward.variant={self.reward.variant!r}: expected binary, partial or similarity")
         if self.agent.mode not in ("tool_call", "text"):

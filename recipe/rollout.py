@@ -74,7 +74,11 @@ def read_rows(path: str, limit: int | None) -> list[dict[str, Any]]:
 
 
 def make_loop_factory(cfg: RolloutRunConfig):
-    """Build what every rollout shares (tokenizer, model backend) and return a loop factory."""
+    """Build what every rollout shares (tokenizer, model backend).
+
+    Returns:
+        (a factory of ``SWEAgentLoop`` objects, the sandbox parent directory or None).
+    """
     from transformers import AutoConfig, AutoTokenizer
 
     from recipe.config import Policy
@@ -107,7 +111,7 @@ def make_loop_factory(cfg: RolloutRunConfig):
             backend=backend,
         )
 
-    return make_loop
+    return make_loop, swe_agent.get("sandbox", {}).get("parent_dir")
 
 
 async def run_rollouts(cfg: RolloutRunConfig) -> dict[str, Any]:
@@ -117,8 +121,12 @@ async def run_rollouts(cfg: RolloutRunConfig) -> dict[str, Any]:
     from model_proxy.server import ModelProxyServer
     from recipe.trajectory import RunSummary, TrajectoryRecord
 
+    from sandbox.local import reap_stale_sandboxes
+
     rows = read_rows(cfg.data, cfg.limit)
-    make_loop = make_loop_factory(cfg)
+    make_loop, sandbox_parent = make_loop_factory(cfg)
+    # Sandboxes of an earlier run that was killed (its owner pid is dead) go first.
+    await asyncio.to_thread(reap_stale_sandboxes, sandbox_parent)
     sampling_params = {
         "temperature": cfg.temperature,
         "top_p": cfg.top_p,
@@ -153,6 +161,7 @@ async def run_rollouts(cfg: RolloutRunConfig) -> dict[str, Any]:
             job.cancel()
         await asyncio.gather(*jobs, return_exceptions=True)
         await ModelProxyServer.stop_shared()
+        await asyncio.to_thread(reap_stale_sandboxes, sandbox_parent)
 
     predictions = "".join(json.dumps(r.prediction(model_name)) + "\n" for r in records)
     await asyncio.to_thread((out_dir / "predictions.jsonl").write_text, predictions)

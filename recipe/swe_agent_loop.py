@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import json
 import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 from verl.experimental.agent_loop.agent_loop import (
@@ -45,7 +47,9 @@ from recipe.runners.mini_swe_agent import AgentRun, run_mini_swe_agent
 from recipe.runners.swe_agent import run_swe_agent
 from recipe.trajectory import TrajectoryRecord, append_record
 from reward.compute_score import get_grader
+from sandbox.bwrap import BwrapProbe, probe_bwrap
 from sandbox.local import LocalSandbox, SandboxError
+from sandbox.shim import ResourceShim
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +126,10 @@ class SWEAgentLoop(AgentLoopBase):
             (CPU rollouts); ignored for the scripted policies.
         tools: verl passes its tool list to every loop; unused here.
     """
+
+    # Per worker process, shared by every loop object (see _process_resources).
+    _bwrap_probe: ClassVar[BwrapProbe | None] = None
+    _shims: ClassVar[dict[str, ResourceShim]] = {}
 
     def __init__(
         self,
@@ -248,9 +256,15 @@ class SWEAgentLoop(AgentLoopBase):
         agent: AgentRun | None = None
         # Which part failed decides the status of an unexpected exception.
         stage = ExitStatus.SANDBOX_ERROR
+        resources = contextlib.AsyncExitStack()
         try:
+            bwrap, shim = await self._process_resources()
+            # The shim admits the rollout from its memory pool (waiting, not OOMing, when short).
+            lease = await resources.enter_async_context(shim.rollout(info.rollout_id))
+            settings = self.swe_config.sandbox
             sandbox = await LocalSandbox.create(
-                task, parent_dir=self.swe_config.sandbox.parent_dir, rollout_id=info.rollout_id
+                task, parent_dir=settings.parent_dir, rollout_id=info.rollout_id,
+                isolation=settings.isolation, hide_paths=settings.hide_paths, bwrap=bwrap,
             )
 
             stage = ExitStatus.PROXY_ERROR
@@ -268,11 +282,13 @@ class SWEAgentLoop(AgentLoopBase):
                     request_id=info.rollout_id,
                     on_history_rewrite=self.swe_config.proxy.on_history_rewrite,
                     profile_log_dir=self.swe_config.proxy.profile_log_dir,
+                    on_phase=lease.on_phase,
                 )
             )
             session_id = handle.session_id
             stage = ExitStatus.AGENT_ERROR
-            agent = await self._run_agent(sandbox, task, handle.base_url, handle.api_key, info.rollout_id)
+            agent = await self._run_agent(sandbox, task, handle.base_url, handle.api_key, info.rollout_id,
+                                          wrap_argv=lease.wrap_argv)
             session = proxy.close_session(session_id)
             session_id = None
             info.exit_status = _resolve_status(agent, session).value
@@ -294,6 +310,7 @@ class SWEAgentLoop(AgentLoopBase):
                 proxy.close_session(session_id)
             if sandbox is not None:
                 await sandbox.teardown()
+            await asyncio.shield(resources.aclose())  # release the cgroup and pool bytes last
         if session is None or agent is None:
             return await self._output_without_session(raw_prompt, info, start)
 
@@ -310,8 +327,28 @@ class SWEAgentLoop(AgentLoopBase):
 
     # -- helpers ---------------------------------------------------------------------------------
 
+    async def _process_resources(self) -> tuple[BwrapProbe | None, ResourceShim]:
+        """The worker process's bubblewrap probe and resource shim, made once and shared.
+
+        verl makes a loop object per sample; these belong to the process (one probe
+        subprocess, one memory pool), so they live on the class.
+        """
+        cls = type(self)
+        if self.swe_config.sandbox.isolation != "none" and cls._bwrap_probe is None:
+            cls._bwrap_probe = await asyncio.to_thread(probe_bwrap)
+        key = json.dumps(self.swe_config.sandbox.shim, sort_keys=True)
+        if key not in cls._shims:
+            cls._shims[key] = ResourceShim.from_settings(dict(self.swe_config.sandbox.shim) or None)
+        return cls._bwrap_probe, cls._shims[key]
+
     async def _run_agent(
-        self, sandbox: LocalSandbox, task: SWETask, api_base: str, api_key: str, rollout_id: str
+        self,
+        sandbox: LocalSandbox,
+        task: SWETask,
+        api_base: str,
+        api_key: str,
+        rollout_id: str,
+        wrap_argv: Callable[[list[str]], list[str]] | None = None,
     ) -> AgentRun:
         settings = self.swe_config.agent
         common = dict(
@@ -320,6 +357,7 @@ class SWEAgentLoop(AgentLoopBase):
             api_key=api_key,
             model_name=self.swe_config.proxy.model_name,
             settings=settings,
+            wrap_argv=wrap_argv,
         )
         if settings.backend == "swe_agent":
             return await run_swe_agent(sandbox, image=task.image_name, **common)

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prepare.task import task_path_env
 from recipe.config import AgentSettings
@@ -81,13 +81,16 @@ async def run_mini_swe_agent(
     model_name: str,
     settings: AgentSettings,
     trajectory_path: str | None = None,
+    wrap_argv: Callable[[list[str]], list[str]] | None = None,
 ) -> AgentRun:
     """Run mini-swe-agent on ``task_text`` in ``sandbox`` until it exits or ``settings.rollout_timeout_s``.
 
     On timeout the agent's process group is killed and the status is
     ``rollout_timeout``. On cancellation the group is killed and
     ``asyncio.CancelledError`` propagates (the sandbox's teardown kills anything
-    the agent's commands left running).
+    the agent's commands left running). ``wrap_argv`` (the resource shim's) starts
+    the agent inside the rollout's cgroup; the sandbox's ``command_prefix``
+    (bubblewrap) wraps each of the agent's bash commands.
     """
     spec_path = sandbox.home / "runner_spec.json"
     result_path = sandbox.home / "runner_result.json"
@@ -104,16 +107,15 @@ async def run_mini_swe_agent(
         turn_timeout_s=settings.turn_timeout_s,
         trajectory_path=trajectory_path,
         result_path=str(result_path),
+        command_prefix=list(sandbox.command_prefix),
     )
     await asyncio.to_thread(spec_path.write_text, spec.model_dump_json())
 
     start = time.monotonic()
     with open(log_path, "wb") as log:
+        argv = [sys.executable, "-m", "recipe.runners.mini_swe_agent_entry", str(spec_path)]
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "recipe.runners.mini_swe_agent_entry",
-            str(spec_path),
+            *(wrap_argv(argv) if wrap_argv else argv),
             cwd=str(sandbox.workdir),
             env=agent_environment(sandbox, settings),
             stdin=asyncio.subprocess.DEVNULL,

@@ -27,6 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -131,6 +132,7 @@ async def run_swe_agent(
     model_name: str,
     settings: AgentSettings,
     image: str | None = None,
+    wrap_argv: Callable[[list[str]], list[str]] | None = None,
 ) -> AgentRun:
     """Run ``sweagent run`` on the sandbox's work tree until it exits or ``settings.rollout_timeout_s``.
 
@@ -160,8 +162,9 @@ async def run_swe_agent(
     start = time.monotonic()
     log_path = sandbox.home / "sweagent.log"
     with open(log_path, "wb") as log:
+        argv = invocation.argv()
         proc = await asyncio.create_subprocess_exec(
-            *invocation.argv(),
+            *(wrap_argv(argv) if wrap_argv else argv),
             cwd=str(sandbox.workdir),
             env=agent_environment(sandbox, settings),
             stdin=asyncio.subprocess.DEVNULL,

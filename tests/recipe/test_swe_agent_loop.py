@@ -164,14 +164,39 @@ async def test_hanging_agent_is_killed_at_rollout_timeout(rows, tokenizer, sandb
 
 
 async def test_crashed_agent_is_an_agent_error_with_a_clean_sandbox(rows, tokenizer, sandbox_parent):
-    # The command's parent is the agent process itself: the agent dies mid-rollout.
-    backend = ScriptedPolicyBackend(tokenizer, ["kill -9 $PPID"], mode="tool_call")
-    out = await run_row(make_loop(tokenizer, sandbox_parent, backend=backend), rows[0])
-    assert out.extra_fields["exit_status"] == ExitStatus.AGENT_ERROR.value
+    # The agent process dies mid-rollout (as under the OOM killer) while its command runs.
+    import psutil
+
+    backend = ScriptedPolicyBackend(tokenizer, ["sleep 60"], mode="tool_call")
+    job = asyncio.create_task(run_row(make_loop(tokenizer, sandbox_parent, backend=backend), rows[0]))
+    agent_pid = None
+    for _ in range(300):
+        await asyncio.sleep(0.1)
+        if await asyncio.to_thread(_rollouts_running, "sleep", sandbox_parent):
+            agent_pid = await asyncio.to_thread(_agent_pid, sandbox_parent)
+            break
+    assert agent_pid, "the agent never ran its command"
+    psutil.Process(agent_pid).kill()
+    out = await job
+    assert out.extra_fields["exit_status"] == ExitStatus.AGENT_ERROR.value, out.extra_fields
     assert "without a result" in out.extra_fields["error"]
     assert out.reward_score == 0.0 and not out.extra_fields["masked"]
     assert_token_invariants(out)
     assert_nothing_left([out], sandbox_parent)
+
+
+def _agent_pid(under: Path) -> int | None:
+    """The mini-swe-agent process of a rollout whose sandbox is below ``under``."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = proc.info["cmdline"] or []
+            if "recipe.runners.mini_swe_agent_entry" in cmd and proc.cwd().startswith(str(under)):
+                return proc.pid
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return None
 
 
 class FailingBackend:
