@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import shutil
 from pathlib import Path
 
 import hydra
@@ -67,6 +68,19 @@ class ServerManager:
                            stop_reason="aborted" if out.stop_reason == "abort" else "completed")
 
 
+class RepoVanishesBackend:
+    """Edits a file, then submits; the task's repository is deleted meanwhile (a data volume
+    gone mid-run), so grading the non-empty patch fails."""
+
+    def __init__(self, tokenizer, repo):
+        self.scripted = ScriptedPolicyBackend(tokenizer, ["echo edit >> README.md"])
+        self.repo = repo
+
+    async def generate(self, request_id, prompt_ids, sampling_params) -> GenerationOutput:
+        shutil.rmtree(self.repo, ignore_errors=True)
+        return await self.scripted.generate(request_id, prompt_ids, sampling_params)
+
+
 class FailingBackend:
     async def generate(self, request_id, prompt_ids, sampling_params) -> GenerationOutput:
         raise RuntimeError("generation server is down")
@@ -111,10 +125,14 @@ def row(simple_tasks_dir):
     return pq.read_table(simple_tasks_dir / "test.parquet").to_pylist()[0]
 
 
-def scenario(status, tokenizer, tiny_model, row):
+def scenario(status, tokenizer, tiny_model, row, tmp_path):
     """(swe_agent section, generation backend, extra_info) that end a rollout with ``status``."""
     task = SWETask.from_extra_info(row["extra_info"])
     info = row["extra_info"]
+    if status == ExitStatus.REWARD_ERROR:
+        repo = tmp_path / "own_repo"
+        shutil.copytree(task.repo_path, repo)
+        return {}, RepoVanishesBackend(tokenizer, repo), dict(info, repo_path=str(repo))
     return {
         ExitStatus.SUBMITTED: ({}, ScriptedPolicyBackend(tokenizer, reference_commands(task)), info),
         ExitStatus.AGENT_ERROR: ({}, tiny_model, info),  # random model: repeated format errors
@@ -129,11 +147,11 @@ def scenario(status, tokenizer, tiny_model, row):
 
 @pytest.mark.parametrize("status", [
     ExitStatus.SUBMITTED, ExitStatus.AGENT_ERROR, ExitStatus.STEP_LIMIT, ExitStatus.CONTEXT_LIMIT,
-    ExitStatus.ROLLOUT_TIMEOUT, ExitStatus.PROXY_ERROR, ExitStatus.SANDBOX_ERROR,
+    ExitStatus.ROLLOUT_TIMEOUT, ExitStatus.PROXY_ERROR, ExitStatus.SANDBOX_ERROR, ExitStatus.REWARD_ERROR,
 ])
 async def test_outputs_pass_verl_postprocessing(status, tokenizer, tiny_model, row, tmp_path):
-    swe_agent, backend, extra_info = scenario(status, tokenizer, tiny_model, row)
-    swe_agent = {**swe_agent, "sandbox": {"parent_dir": str(tmp_path)}}
+    swe_agent, backend, extra_info = scenario(status, tokenizer, tiny_model, row, tmp_path)
+    swe_agent = {**swe_agent, "sandbox": {"parent_dir": str(tmp_path / "sandboxes")}}
     loop = loop_from_registry(tokenizer, ServerManager(backend), swe_agent)
     assert isinstance(loop, SWEAgentLoop)
     try:
