@@ -4,15 +4,23 @@ Usage (from the repository root):
 
     python prepare/prepare_data.py --mode simple [--out data/simple] [--seed 0]
         [--num-tasks 24] [--test-fraction 0.25]
+    python prepare/prepare_data.py --mode smith [--packages a,b] [--packages-file F.yaml]
+        [--out data/smith] [--jobs 2] [--max-tasks-per-package 25] [--seed 0]
+        [--task-timeout 0]
+    python prepare/prepare_data.py --mode swebench --input FILE.jsonl [--out data/swebench]
+        [--data-source swe_bench]
     python prepare/prepare_data.py --validate data/simple   # re-check, drop failures, rewrite
 
-Every task is validated before it is written (``prepare.validate``); a task
-that fails is reported on stderr (``DROPPED <id>: <reason>``), listed in
-``OUT/dropped.jsonl`` and left out. Exit status: 0 when at least one task is
-written, 1 otherwise, 2 for bad arguments.
+Every simple/smith task is validated before it is written (``prepare.validate``);
+a task that fails is reported on stderr (``DROPPED <id>: <reason>``), listed in
+``OUT/dropped.jsonl`` and left out. ``--mode smith`` validates per package as it
+goes (``prepare.smith``) and resumes an interrupted run in the same ``--out``;
+``--mode swebench`` converts rows without running them (they need their Docker
+image). Exit status: 0 when at least one task is written, 1 otherwise, 2 for bad
+arguments.
 
-Adding a mode: write ``async def _build_<mode>(args, out_dir) -> list[SWETask]``
-returning candidate tasks (not yet validated) and add it to ``_builder``.
+Adding a mode: write ``async def _build_<mode>(args, out_dir) -> Built`` and add
+it to ``_builder``.
 """
 
 from __future__ import annotations
@@ -33,30 +41,85 @@ import json
 import shutil
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 from prepare.export import OutputPaths, write_outputs
 from prepare.repo_builder import build_task_repos
 from prepare.simple_tasks import generate_specs
 from prepare.task import SWETask, load_tasks
-from prepare.validate import ValidationResult, report_failures, validate_tasks
+from prepare.validate import ValidationResult, format_package_table, report_failures, validate_tasks
 
-MODES = ("simple",)
-Builder = Callable[[argparse.Namespace, Path], Awaitable[list[SWETask]]]
+MODES = ("simple", "smith", "swebench")
+DEFAULT_OUT = {"simple": "data/simple", "smith": "data/smith", "swebench": "data/swebench"}
 
 
-async def _build_simple(args: argparse.Namespace, out_dir: Path) -> list[SWETask]:
+@dataclass
+class Built:
+    """A builder's tasks; ``validated`` says they need no further validation pass."""
+
+    tasks: list[SWETask]
+    validated: bool = False
+
+
+Builder = Callable[[argparse.Namespace, Path], Awaitable[Built]]
+
+
+async def _build_simple(args: argparse.Namespace, out_dir: Path) -> Built:
     """Synthetic one-bug packages (``prepare.simple_tasks``) as repos under ``out_dir/repos``."""
     repos_dir = out_dir / "repos"
     # Stale repos from an earlier run (other seed or count) must not linger.
     await asyncio.to_thread(shutil.rmtree, repos_dir, ignore_errors=True)
     await asyncio.to_thread(repos_dir.mkdir, parents=True, exist_ok=True)
     specs = await asyncio.to_thread(generate_specs, args.seed, args.num_tasks)
-    return await build_task_repos(specs, repos_dir, concurrency=args.concurrency)
+    return Built(await build_task_repos(specs, repos_dir, concurrency=args.concurrency))
+
+
+async def _build_smith(args: argparse.Namespace, out_dir: Path) -> Built:
+    """Bugs injected into real PyPI packages (``prepare.smith``); validated per package."""
+    from prepare.smith import SmithOptions, build_smith, format_reports, write_reports
+    from prepare.smith_packages import DEFAULT_PACKAGES_FILE, load_packages
+
+    names = [n.strip() for n in args.packages.split(",") if n.strip()] if args.packages else None
+    specs = load_packages(args.packages_file or DEFAULT_PACKAGES_FILE, names)
+    opts = SmithOptions(
+        out_dir=out_dir,
+        seed=args.seed,
+        max_tasks_per_package=args.max_tasks_per_package,
+        max_candidates_per_package=args.max_candidates_per_package,
+        jobs=args.jobs,
+        task_timeout_s=args.task_timeout,
+        validate_timeout_s=args.timeout,
+        progress=not args.no_progress,
+    )
+    tasks, reports = await build_smith(specs, opts)
+    await asyncio.to_thread(write_reports, reports, out_dir / "smith_report.jsonl")
+    print(format_reports(reports), file=sys.stderr)
+    for report in reports:
+        if not report.ok:
+            print(f"SKIPPED package {report.name}: {report.stage}: {report.reason}", file=sys.stderr)
+    return Built(tasks, validated=True)
+
+
+async def _build_swebench(args: argparse.Namespace, out_dir: Path) -> Built:
+    """SWE-bench-format rows (JSONL file, or a Hugging Face dataset name) converted as they are."""
+    from prepare.swebench_import import load_instances
+
+    try:
+        tasks, problems = await asyncio.to_thread(
+            load_instances, args.input, data_source=args.data_source, split=args.split
+        )
+    except (FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    for problem in problems:
+        print(f"SKIPPED {problem}", file=sys.stderr)
+    return Built(tasks, validated=True)
 
 
 def _builder(mode: str) -> Builder:
-    if mode == "simple":
-        return _build_simple
+    builders = {"simple": _build_simple, "smith": _build_smith, "swebench": _build_swebench}
+    if mode in builders:
+        return builders[mode]
     raise ValueError(f"unknown mode: {mode}")
 
 
@@ -64,7 +127,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring); exits with status 2 on bad values."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=MODES, default="simple", help="which tasks to prepare")
-    parser.add_argument("--out", default="data/simple", help="output directory (default: data/simple)")
+    parser.add_argument("--out", default=None, help="output directory (default: data/<mode>)")
     parser.add_argument("--seed", type=int, default=0, help="seed for generation and the train/test split")
     parser.add_argument("--num-tasks", type=int, default=24, help="tasks to generate (simple mode)")
     parser.add_argument("--test-fraction", type=float, default=0.25, help="share of tasks in test.parquet")
@@ -77,7 +140,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=4, help="test runs in flight during validation")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per test run during validation")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    smith = parser.add_argument_group("smith mode")
+    smith.add_argument("--packages", default="", help="comma-separated package names from the packages file (default: all)")
+    smith.add_argument("--packages-file", default="", help="YAML list of packages (default: prepare/smith_packages.yaml)")
+    smith.add_argument("--jobs", type=int, default=2, help="packages prepared in parallel")
+    smith.add_argument("--max-tasks-per-package", type=int, default=25, help="stop a package after this many kept tasks")
+    smith.add_argument(
+        "--max-candidates-per-package", type=int, default=0, help="mutations tried per package (0 = 4x max tasks)"
+    )
+    smith.add_argument(
+        "--task-timeout",
+        type=float,
+        default=0.0,
+        help="seconds per mutated test run; a hang past it is dropped (0 = auto: 4x the clean suite, 15-60 s)",
+    )
+    swebench = parser.add_argument_group("swebench mode")
+    swebench.add_argument("--input", default="", help="SWE-bench-format JSONL file or Hugging Face dataset name")
+    swebench.add_argument("--split", default="test", help="dataset split when --input is a Hugging Face dataset")
+    swebench.add_argument("--data-source", default="swe_bench", help="data_source written for each row")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = DEFAULT_OUT[args.mode]
+    if args.mode == "swebench" and not args.validate and not args.input:
+        parser.error("--mode swebench needs --input FILE.jsonl (or a dataset name)")
+    if args.jobs < 1 or args.max_tasks_per_package < 1 or args.max_candidates_per_package < 0:
+        parser.error("--jobs and --max-tasks-per-package must be at least 1, --max-candidates-per-package >= 0")
+    if args.task_timeout < 0:
+        parser.error("--task-timeout must be >= 0")
     if args.num_tasks < 1:
         parser.error("--num-tasks must be at least 1")
     if not 0.0 <= args.test_fraction <= 1.0:
@@ -115,11 +204,17 @@ async def run(args: argparse.Namespace) -> int:
     else:
         out_dir = Path(args.out).resolve()
         await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
-        tasks = await _builder(args.mode)(args, out_dir)
+        built = await _builder(args.mode)(args, out_dir)
+        tasks = built.tasks
 
-    results = await validate_tasks(
-        tasks, concurrency=args.concurrency, timeout_s=args.timeout, progress=not args.no_progress
-    )
+    if args.validate or not built.validated:
+        results = await validate_tasks(
+            tasks, concurrency=args.concurrency, timeout_s=args.timeout, progress=not args.no_progress
+        )
+    else:
+        results = [ValidationResult(task.instance_id, True) for task in tasks]
+    if args.validate:
+        print(format_package_table(tasks, results), file=sys.stderr)
     n_dropped = report_failures(results)
     kept = [task for task, result in zip(tasks, results) if result.ok]
     if not args.validate:

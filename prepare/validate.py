@@ -138,3 +138,29 @@ def report_failures(results: Sequence[ValidationResult], stream: TextIO | None =
     for result in failed:
         print(f"DROPPED {result.instance_id}: {result.reason}", file=out)
     return len(failed)
+
+
+def format_package_table(tasks: Sequence[SWETask], results: Sequence[ValidationResult]) -> str:
+    """A plain-text table of validation results per package (``task.repo``).
+
+    Columns: tasks, valid, invalid, percent valid, and the mean seconds of the
+    reference-patch grade. A final ``all`` row sums the packages.
+    """
+    rows: dict[str, list[tuple[SWETask, ValidationResult]]] = {}
+    for task, result in zip(tasks, results):
+        rows.setdefault(task.repo, []).append((task, result))
+    width = max([len("package"), len("all")] + [len(repo) for repo in rows])
+    header = f"{'package':<{width}} {'tasks':>5} {'valid':>5} {'invalid':>7} {'valid%':>6} {'ref_s':>6}"
+    lines = [header, "-" * len(header)]
+
+    def line(name: str, pairs: list[tuple[SWETask, ValidationResult]]) -> str:
+        n = len(pairs)
+        ok = sum(1 for _, r in pairs if r.ok)
+        durations = [r.reference.duration_s for _, r in pairs if r.reference is not None]
+        mean = sum(durations) / len(durations) if durations else 0.0
+        return f"{name:<{width}} {n:>5} {ok:>5} {n - ok:>7} {100.0 * ok / max(n, 1):>6.1f} {mean:>6.2f}"
+
+    for repo in sorted(rows):
+        lines.append(line(repo, rows[repo]))
+    lines.append(line("all", [pair for pairs in rows.values() for pair in pairs]))
+    return "\n".join(lines)
