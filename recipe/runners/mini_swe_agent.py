@@ -111,30 +111,11 @@ async def run_mini_swe_agent(
     )
     await asyncio.to_thread(spec_path.write_text, spec.model_dump_json())
 
-    start = time.monotonic()
-    with open(log_path, "wb") as log:
-        argv = [sys.executable, "-m", "recipe.runners.mini_swe_agent_entry", str(spec_path)]
-        proc = await asyncio.create_subprocess_exec(
-            *(wrap_argv(argv) if wrap_argv else argv),
-            cwd=str(sandbox.workdir),
-            env=agent_environment(sandbox, settings),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-        )
-    sandbox.track_process_group(proc.pid)
-    timed_out = False
-    try:
-        await asyncio.wait_for(proc.wait(), timeout=settings.rollout_timeout_s)
-    except asyncio.TimeoutError:
-        timed_out = True
-        kill_process_group(proc.pid)
-        await proc.wait()
-    except BaseException:
-        kill_process_group(proc.pid)
-        raise
-    duration = time.monotonic() - start
+    argv = [sys.executable, "-m", "recipe.runners.mini_swe_agent_entry", str(spec_path)]
+    exit_code, timed_out, duration = await spawn_agent(
+        sandbox, argv, env=agent_environment(sandbox, settings), log_path=log_path,
+        timeout_s=settings.rollout_timeout_s, wrap_argv=wrap_argv,
+    )
 
     log_tail = await asyncio.to_thread(_tail, log_path)
     if timed_out:
@@ -154,7 +135,7 @@ async def run_mini_swe_agent(
             raw_exit_status="crashed",
             n_calls=0,
             duration_s=duration,
-            error=f"agent process exited with code {proc.returncode} without a result",
+            error=f"agent process exited with code {exit_code} without a result",
             log_tail=log_tail,
         )
     return AgentRun(
@@ -166,6 +147,48 @@ async def run_mini_swe_agent(
         log_tail=log_tail,
         messages=result.messages,
     )
+
+
+async def spawn_agent(
+    sandbox: LocalSandbox,
+    argv: list[str],
+    *,
+    env: dict[str, str],
+    log_path: Path,
+    timeout_s: float,
+    wrap_argv: Callable[[list[str]], list[str]] | None = None,
+) -> tuple[int | None, bool, float]:
+    """Run an agent process in its own process group in the sandbox's work tree until it exits.
+
+    stdout and stderr go to ``log_path``. At ``timeout_s`` seconds, or on
+    cancellation, the whole group is SIGKILLed (cancellation then propagates).
+
+    Returns:
+        (exit code or None, whether it was killed at the timeout, wall-clock seconds).
+    """
+    start = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            *(wrap_argv(argv) if wrap_argv else argv),
+            cwd=str(sandbox.workdir),
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+    sandbox.track_process_group(proc.pid)
+    timed_out = False
+    try:
+        await asyncio.wait_for(proc.wait(), timeout=timeout_s)
+    except asyncio.TimeoutError:
+        timed_out = True
+        kill_process_group(proc.pid)
+        await proc.wait()
+    except BaseException:
+        kill_process_group(proc.pid)
+        raise
+    return proc.returncode, timed_out, time.monotonic() - start
 
 
 def _tail(path: Path) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,9 +32,8 @@ import yaml
 
 from recipe.config import AgentSettings
 from recipe.outcome import ExitStatus
-from recipe.runners.mini_swe_agent import AgentRun, agent_environment
+from recipe.runners.mini_swe_agent import AgentRun, agent_environment, spawn_agent
 from sandbox.local import LocalSandbox
-from sandbox.process import kill_process_group
 
 SWEAGENT_COMMAND = "sweagent"
 
@@ -159,37 +157,20 @@ async def run_swe_agent(
     await asyncio.to_thread(invocation.problem_path.write_text, task_text)
     await asyncio.to_thread(invocation.config_path.write_text, yaml.safe_dump(training_config()))
 
-    start = time.monotonic()
     log_path = sandbox.home / "sweagent.log"
-    with open(log_path, "wb") as log:
-        argv = invocation.argv()
-        proc = await asyncio.create_subprocess_exec(
-            *(wrap_argv(argv) if wrap_argv else argv),
-            cwd=str(sandbox.workdir),
-            env=agent_environment(sandbox, settings),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-        )
-    sandbox.track_process_group(proc.pid)
-    try:
-        await asyncio.wait_for(proc.wait(), timeout=settings.rollout_timeout_s)
-    except asyncio.TimeoutError:
-        kill_process_group(proc.pid)
-        await proc.wait()
-        return AgentRun(ExitStatus.ROLLOUT_TIMEOUT, "killed", 0, time.monotonic() - start,
+    exit_code, timed_out, duration = await spawn_agent(
+        sandbox, invocation.argv(), env=agent_environment(sandbox, settings), log_path=log_path,
+        timeout_s=settings.rollout_timeout_s, wrap_argv=wrap_argv,
+    )
+    if timed_out:
+        return AgentRun(ExitStatus.ROLLOUT_TIMEOUT, "killed", 0, duration,
                         error=f"sweagent killed after rollout_timeout_s={settings.rollout_timeout_s}")
-    except BaseException:
-        kill_process_group(proc.pid)
-        raise
-    duration = time.monotonic() - start
     try:
         info = json.loads(await asyncio.to_thread(invocation.trajectory_path().read_text)).get("info", {})
     except (OSError, ValueError):
         tail = (await asyncio.to_thread(log_path.read_bytes))[-4000:].decode("utf-8", errors="replace")
         return AgentRun(ExitStatus.AGENT_ERROR, "crashed", 0, duration,
-                        error=f"sweagent exited with code {proc.returncode} without a trajectory", log_tail=tail)
+                        error=f"sweagent exited with code {exit_code} without a trajectory", log_tail=tail)
     raw = str(info.get("exit_status", ""))
     calls = int(info.get("model_stats", {}).get("api_calls", 0) or 0)
     return AgentRun(from_swe_agent(raw), raw, calls, duration)
