@@ -39,7 +39,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import statistics
 import sys
 import tempfile
 import time
@@ -50,18 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-BASH_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "bash",
-        "description": "Execute a bash command",
-        "parameters": {
-            "type": "object",
-            "properties": {"command": {"type": "string", "description": "The bash command to execute"}},
-            "required": ["command"],
-        },
-    },
-}
+# mini-swe-agent's own bash tool, as its tool-calling model sends it.
+from minisweagent.models.utils.actions_toolcall import BASH_TOOL  # noqa: E402
 TOOL_OUTPUT = "total 12\ndrwxr-xr-x 2 user user 4096 Jan  1 00:00 src\n-rw-r--r-- 1 user user  220 Jan  1 00:00 README.md\n"
 
 

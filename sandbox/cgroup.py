@@ -264,18 +264,7 @@ class CgroupV2Controller:
         if not self.fs.exists(group):
             return
         self.kill(group)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self.fs.rmdir(group)
-                return
-            except FileNotFoundError:
-                return
-            except OSError as exc:
-                # EBUSY while killed processes are still exiting.
-                if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY) or time.monotonic() > deadline:
-                    raise CgroupError(f"rmdir {group}: {exc}") from exc
-                time.sleep(0.01)
+        _rmdir_when_empty(self.fs, group, time.monotonic() + timeout_s)
 
     def list_groups(self) -> list[Path]:
         """Our groups under root (for the reaper)."""
@@ -421,16 +410,7 @@ class CgroupV1Controller:
         self.kill(group)
         deadline = time.monotonic() + timeout_s
         for hier in self.HIERARCHIES:
-            d = self._dir(hier, group)
-            while self.fs.exists(d):
-                try:
-                    self.fs.rmdir(d)
-                except FileNotFoundError:
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY) or time.monotonic() > deadline:
-                        raise CgroupError(f"rmdir {d}: {exc}") from exc
-                    time.sleep(0.01)
+            _rmdir_when_empty(self.fs, self._dir(hier, group), deadline)
 
     def list_groups(self) -> list[Path]:
         base = self.root / "memory" / self.parent
@@ -510,3 +490,21 @@ def make_controller(backend: str, root: str | None, *, prefix: str = "swe-rollou
     if backend == "v1" or (backend == "auto" and fs.exists(rootp / "memory")):
         return CgroupV1Controller(rootp, prefix=prefix, fs=fs)
     return NoopController()
+
+
+def _rmdir_when_empty(fs, group: Path, deadline: float) -> None:
+    """Remove a cgroup directory, retrying while killed processes are still exiting.
+
+    A group already gone is fine. Raises ``CgroupError`` when still busy
+    (EBUSY/ENOTEMPTY) at ``deadline`` (a ``time.monotonic()`` value) or on another error.
+    """
+    while True:
+        try:
+            fs.rmdir(group)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY) or time.monotonic() > deadline:
+                raise CgroupError(f"rmdir {group}: {exc}") from exc
+            time.sleep(0.01)

@@ -9,19 +9,8 @@ from typing import Any
 from model_proxy.backends.base import GenerationOutput
 from model_proxy.session import SessionConfig
 
-# mini-swe-agent's tool (minisweagent.models.utils.actions_toolcall.BASH_TOOL).
-BASH_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "bash",
-        "description": "Execute a bash command",
-        "parameters": {
-            "type": "object",
-            "properties": {"command": {"type": "string", "description": "The bash command to execute"}},
-            "required": ["command"],
-        },
-    },
-}
+# mini-swe-agent's own bash tool, as its tool-calling model sends it.
+from minisweagent.models.utils.actions_toolcall import BASH_TOOL  # noqa: E402,F401 (re-exported to tests)
 
 
 @dataclass
