@@ -39,6 +39,8 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import random
+import statistics
 import sys
 import tempfile
 import time
@@ -51,18 +53,19 @@ if str(ROOT) not in sys.path:
 
 # mini-swe-agent's own bash tool, as its tool-calling model sends it.
 from minisweagent.models.utils.actions_toolcall import BASH_TOOL  # noqa: E402
-TOOL_OUTPUT = "total 12\ndrwxr-xr-x 2 user user 4096 Jan  1 00:00 src\n-rw-r--r-- 1 user user  220 Jan  1 00:00 README.md\n"
+
+from model_proxy.render_cache import DEFAULT_MAX_ENTRIES as DEFAULT_RENDER_CACHE_ENTRIES  # noqa: E402
 
 
 # -- child process: the proxy ----------------------------------------------------------------
 
 
-def _serve(model_dir: str, conn: Any) -> None:
+def _serve(model_dir: str, conn: Any, render_cache_entries: int) -> None:
     """Child: start the proxy, open sessions on request ("open", n) -> [(base_url, key)], stop on "stop"."""
-    asyncio.run(_serve_async(model_dir, conn))
+    asyncio.run(_serve_async(model_dir, conn, render_cache_entries))
 
 
-async def _serve_async(model_dir: str, conn: Any) -> None:
+async def _serve_async(model_dir: str, conn: Any, render_cache_entries: int) -> None:
     from transformers import AutoTokenizer
     from verl.utils.tokenizer.continuous_token_wiring import create_continuous_token_builder
 
@@ -80,7 +83,7 @@ async def _serve_async(model_dir: str, conn: Any) -> None:
             return GenerationOutput(list(ids), [0.0] * len(ids), "stop")
 
     backend = InstantBackend()
-    server = await ModelProxyServer.start()
+    server = await ModelProxyServer.start(render_cache_entries=render_cache_entries)
     loop = asyncio.get_running_loop()
     conn.send(server.base_url)
     while True:
@@ -101,11 +104,25 @@ async def _serve_async(model_dir: str, conn: Any) -> None:
 # -- this process: the load ------------------------------------------------------------------
 
 
+def tool_output(worker: int, turn: int, rng: random.Random) -> str:
+    """An ``ls -la``-like listing of 3-12 lines, different on every turn.
+
+    Real tool results differ from turn to turn; a constant one would let any cache
+    keyed on text (the proxy's render cache) answer every request from memory.
+    """
+    lines = [f"total {rng.randint(4, 400)}"]
+    for index in range(rng.randint(3, 12)):
+        name = f"{rng.choice(['src', 'tests', 'docs', 'setup', 'module'])}_{worker}_{turn}_{index}.py"
+        lines.append(f"-rw-r--r-- 1 user user {rng.randint(0, 99999):>6} Jan  1 00:00 {name}")
+    return "\n".join(lines) + "\n"
+
+
 class Load:
-    def __init__(self, conn: Any, base_url: str, turns_per_session: int) -> None:
+    def __init__(self, conn: Any, base_url: str, turns_per_session: int, seed: int = 0) -> None:
         self.conn, self.base_url, self.turns = conn, base_url, turns_per_session
         self._pool: list[tuple[str, str]] = []
         self._lock = asyncio.Lock()
+        self._rng = random.Random(seed)
 
     async def take(self) -> tuple[str, str]:
         """A fresh session (fetched from the child 64 at a time)."""
@@ -117,11 +134,19 @@ class Load:
             return self._pool.pop()
 
     async def run(self, http, n: int, duration_s: float, tool_s: float) -> tuple[list[float], int, float]:
-        """N workers for duration_s -> (latencies in s, requests, wall s)."""
+        """N workers for duration_s -> (latencies in s, requests, wall s).
+
+        With ``tool_s`` > 0 each worker starts at a random offset in [0, tool_s) and its
+        tool phases last uniform(0.5, 1.5) * tool_s: agents are not in lockstep (their
+        tool calls differ), and identical phases would make all N arrive together.
+        """
         latencies: list[float] = []
         deadline = time.perf_counter() + duration_s
+        rng = self._rng
 
         async def worker(index: int) -> None:
+            if tool_s:
+                await asyncio.sleep(rng.uniform(0.0, tool_s))
             while True:
                 base_url, key = await self.take()
                 headers = {"Authorization": f"Bearer {key}"}
@@ -129,7 +154,7 @@ class Load:
                     {"role": "system", "content": "You are a software engineering agent."},
                     {"role": "user", "content": f"Fix the failing test in the repository (worker {index})."},
                 ]
-                for _ in range(self.turns):
+                for turn in range(self.turns):
                     if time.perf_counter() >= deadline:
                         return
                     body = {"model": "swe-policy", "messages": messages, "tools": [BASH_TOOL], "temperature": 0.0}
@@ -141,10 +166,11 @@ class Load:
                     latencies.append(time.perf_counter() - started)
                     message = answer["choices"][0]["message"]
                     messages = messages + [message] + [
-                        {"role": "tool", "tool_call_id": c["id"], "content": TOOL_OUTPUT} for c in message["tool_calls"]
+                        {"role": "tool", "tool_call_id": c["id"], "content": tool_output(index, turn, rng)}
+                        for c in message["tool_calls"]
                     ]
                     if tool_s:
-                        await asyncio.sleep(tool_s)
+                        await asyncio.sleep(rng.uniform(0.5, 1.5) * tool_s)
 
         began = time.perf_counter()
         await asyncio.gather(*[worker(i) for i in range(n)])
@@ -192,10 +218,12 @@ def _cpu_s(pid: int) -> float:
     return times.user + times.system
 
 
-async def _main_async(args: argparse.Namespace, conn: Any, base_url: str, pid: int) -> list[dict[str, Any]]:
+async def _main_async(args: argparse.Namespace, proxies: list[tuple[Any, str, int]]) -> tuple[list[dict], dict]:
+    """Every level on ``proxies[0]`` (render cache on), then the cache A/B at 64 saturated sessions."""
     import aiohttp
 
-    load = Load(conn, base_url, args.turns_per_session)
+    (conn, base_url, pid), (off_conn, off_url, off_pid) = proxies
+    load = Load(conn, base_url, args.turns_per_session, seed=1)
     rows = []
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http:
@@ -225,7 +253,26 @@ async def _main_async(args: argparse.Namespace, conn: Any, base_url: str, pid: i
                 "floor_health_p99_ms": _pct(floor, 99),
             })
             print(json.dumps(rows[-1]), flush=True)
-    return rows
+
+        # Render cache A/B: the same load on a proxy without the cache, alternating rounds.
+        off_load = Load(off_conn, off_url, args.turns_per_session, seed=2)
+        await off_load.run(http, 4, 1.0, 0.0)
+        cpu = {"on": [], "off": []}
+        rate = {"on": [], "off": []}
+        for _ in range(args.ab_rounds):
+            for mode, (lo, p) in (("off", (off_load, off_pid)), ("on", (load, pid))):
+                cpu_before = _cpu_s(p)
+                _, count, wall = await lo.run(http, 64, args.ab_duration_s, 0.0)
+                cpu[mode].append(1000 * (_cpu_s(p) - cpu_before) / max(1, count))
+                rate[mode].append(count / wall)
+        ab = {
+            "cpu_ms_per_request_cache_on": statistics.median(cpu["on"]),
+            "cpu_ms_per_request_cache_off": statistics.median(cpu["off"]),
+            "req_per_s_cache_on": statistics.median(rate["on"]),
+            "req_per_s_cache_off": statistics.median(rate["off"]),
+        }
+        print(json.dumps(ab), flush=True)
+    return rows, ab
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--tool-s", type=float, default=0.5, help="agent-paced tool phase, seconds")
     parser.add_argument("--turns-per-session", type=int, default=10, help="turns before a worker takes a new session")
+    parser.add_argument("--render-cache-entries", type=int, default=DEFAULT_RENDER_CACHE_ENTRIES,
+                        help="the proxy's render cache size for the main measurements (0 = off)")
+    parser.add_argument("--ab-rounds", type=int, default=3, help="alternating rounds of the render-cache A/B")
+    parser.add_argument("--ab-duration-s", type=float, default=3.0, help="seconds per A/B round and mode")
     args = parser.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",")]
 
@@ -242,17 +293,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(build_tiny_model(Path(tmp) / "tiny", seed=0))
         ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        process = ctx.Process(target=_serve, args=(model_dir, child), daemon=True)
-        process.start()
+        children = []
+        for entries in (args.render_cache_entries, 0):
+            parent, child = ctx.Pipe()
+            process = ctx.Process(target=_serve, args=(model_dir, child, entries), daemon=True)
+            process.start()
+            children.append((parent, process))
         try:
-            base_url = parent.recv()
-            rows = asyncio.run(_main_async(args, parent, base_url, process.pid))
+            proxies = [(parent, parent.recv(), process.pid) for parent, process in children]
+            rows, ab = asyncio.run(_main_async(args, proxies))
         finally:
-            parent.send(("stop", 0))
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
+            for parent, process in children:
+                parent.send(("stop", 0))
+                process.join(timeout=10)
+                if process.is_alive():
+                    process.kill()
     print()
     print(f"ModelProxy overhead, instant backend, tool phase {args.tool_s}s when paced, "
           f"{args.duration_s}s per measurement (latency in ms, client-side)")
@@ -267,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['paced_p99_ms']:>7.2f} {r['paced_server_mean_ms']:>11.2f} | {r['floor_health_p50_ms']:>11.2f} "
               f"{r['floor_health_p99_ms']:>7.2f} | {r['server_cpu_ms_per_request']:>10.2f} "
               f"{r['one_core_capacity_req_per_s']:>12.0f}")
+    on, off = ab["cpu_ms_per_request_cache_on"], ab["cpu_ms_per_request_cache_off"]
+    print(f"\nrender cache A/B at 64 saturated sessions ({args.ab_rounds} alternating rounds, medians): "
+          f"proxy CPU {off:.2f} -> {on:.2f} ms/request ({off / on:.2f}x less), "
+          f"{ab['req_per_s_cache_off']:.0f} -> {ab['req_per_s_cache_on']:.0f} req/s")
     at64 = next((r for r in rows if r["sessions"] == 64), None)
     if at64 is not None:
         best = max(r["saturated_req_per_s"] for r in rows)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -38,6 +39,7 @@ import secrets
 import socket
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +55,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .errors import ProxyError, error_body, session_not_found
 from .metrics import CONTENT_TYPE, ProxyMetrics
 from .profiling import ProfileWriters
+from .render_cache import DEFAULT_MAX_ENTRIES as DEFAULT_RENDER_CACHE_ENTRIES
+from .render_cache import TextTokenCache, with_render_cache
 from .schemas import ChatCompletionRequest
 from .session import ChatOutcome, ProxySession, Segment, SessionConfig, SessionResult, TurnRecord
 
@@ -157,12 +161,16 @@ class ModelProxyServer:
         cpu_workers: int = 1,
         profile_log_dir: str | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        render_cache_entries: int = DEFAULT_RENDER_CACHE_ENTRIES,
     ) -> None:
         self.host = host
         self.port = port
         self.profile_log_dir = profile_log_dir
         self.max_request_bytes = max_request_bytes
         self._sessions: dict[str, ProxySession] = {}
+        self.render_cache_entries = render_cache_entries
+        # One render-cached copy per token builder (so per tokenizer), shared by its sessions.
+        self._cached_builders: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         # One worker by default: Hugging Face fast tokenizers are not guaranteed to be
         # safe under concurrent use from several threads, and builder calls are short.
         self._executor = ThreadPoolExecutor(max_workers=cpu_workers, thread_name_prefix="model-proxy-cpu")
@@ -191,6 +199,7 @@ class ModelProxyServer:
         profile_log_dir: str | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         port_fallback_tries: int = DEFAULT_PORT_FALLBACK_TRIES,
+        render_cache_entries: int = DEFAULT_RENDER_CACHE_ENTRIES,
     ) -> ModelProxyServer:
         """Bind ``host:port`` and serve on the running loop.
 
@@ -203,6 +212,8 @@ class ModelProxyServer:
             profile_log_dir: write per-call profile lines for every session here
                 (``profiling.py``); None = off (a session can still set its own).
             max_request_bytes: larger request bodies get 413.
+            render_cache_entries: size of the per-builder text -> token-ids cache under
+                verl's Continuous Token builder (``render_cache.py``); 0 = off.
 
         Returns:
             A started server; ``server.port`` is the real port.
@@ -224,6 +235,7 @@ class ModelProxyServer:
             cpu_workers=cpu_workers,
             profile_log_dir=profile_log_dir,
             max_request_bytes=max_request_bytes,
+            render_cache_entries=render_cache_entries,
         )
         config = uvicorn.Config(
             server.app,
@@ -330,6 +342,7 @@ class ModelProxyServer:
         session_id = secrets.token_urlsafe(24)
         api_key = f"sk-session-{secrets.token_urlsafe(32)}"
         profile = self._profiles.get(config.profile_log_dir or self.profile_log_dir)
+        config = dataclasses.replace(config, token_builder=self._render_cached(config.token_builder))
         session = ProxySession(session_id, api_key, config, self._executor, profile=profile)
         self._sessions[session_id] = session
         return SessionHandle(
@@ -338,6 +351,19 @@ class ModelProxyServer:
             base_url=f"{self.base_url}/sessions/{session_id}/v1",
             finished=session.finished,
         )
+
+    def _render_cached(self, builder: Any) -> Any:
+        """``builder`` with the render cache (one cached copy per builder), or as it is."""
+        if self.render_cache_entries <= 0:
+            return builder
+        try:
+            cached = self._cached_builders.get(builder)
+        except TypeError:  # not weak-referenceable: use it uncached
+            return builder
+        if cached is None:
+            cached = with_render_cache(builder, TextTokenCache(self.render_cache_entries))
+            self._cached_builders[builder] = cached
+        return cached
 
     def close_session(self, session_id: str) -> SessionResult:
         """Forget a session and return its record; later requests for it get 404.

@@ -1,0 +1,156 @@
+"""The render cache under verl's Continuous Token builder changes no token.
+
+Over random conversations (hypothesis) the cached builder's initial prompts and
+appended-context merges equal those of verl's own builder for the same tokenizer, a
+second tool result is answered partly from the cache, ``encode_text`` equals the
+tokenizer's own encoding, a builder whose rendering the cache would change is left
+uncached, and two real servers (cache on / off) give a session the same token state.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from model_proxy.render_cache import TextTokenCache, encode_text, with_render_cache
+from model_proxy.server import ModelProxyServer
+
+from model_proxy.tool_format import hermes_tool_call_text
+
+from .helpers import BASH_TOOL, ReplayBackend, auth, make_config
+
+TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=0, max_size=60)
+
+
+@st.composite
+def appends(draw) -> list[dict[str, Any]]:
+    """One append group: tool results (answering the last call) or one user message."""
+    if draw(st.booleans()):
+        return [{"role": "tool", "tool_call_id": f"call_{i}", "content": draw(TEXT)} for i in range(draw(st.integers(1, 3)))]
+    return [{"role": "user", "content": draw(TEXT)}]
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(system=TEXT, task=TEXT, command=TEXT, groups=st.lists(appends(), min_size=1, max_size=4), tools=st.booleans())
+def test_cached_builder_gives_verls_tokens(token_builder, system, task, command, groups, tools):
+    cached = with_render_cache(token_builder, TextTokenCache(max_entries=8))
+    assert cached is not token_builder
+    schemas = [BASH_TOOL] if tools else None
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}, {"role": "user", "content": task}]
+    expected = token_builder.build_initial_tokens(messages, tools=schemas)
+    assert cached.build_initial_tokens(messages, tools=schemas) == expected
+    ids = expected
+    for group in groups:
+        call = {"id": "call_0", "type": "function", "function": {"name": "bash", "arguments": f'{{"command": "{command!r}"}}'}}
+        assistant = {"role": "assistant", "content": "", "tool_calls": [call]}
+        previous = messages + [assistant]
+        updated = previous + group
+        ids = ids + [7, 8]  # stands for the sampled assistant turn
+        want = token_builder.merge_context_tokens(copy.deepcopy(previous), copy.deepcopy(updated), ids, tools=schemas)
+        got = cached.merge_context_tokens(previous, updated, ids, tools=schemas)
+        assert (got.token_ids, got.appended_token_count, got.inserted_token_ids) == (
+            want.token_ids, want.appended_token_count, want.inserted_token_ids)
+        messages, ids = updated, list(want.token_ids)
+
+
+def test_repeated_tool_results_hit_the_cache(token_builder):
+    cache = TextTokenCache()
+    cached = with_render_cache(token_builder, cache)
+    call = {"id": "call_a", "type": "function", "function": {"name": "bash", "arguments": '{"command": "ls"}'}}
+    previous = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "", "tool_calls": [call]}]
+    for turn in range(3):
+        updated = previous + [{"role": "tool", "tool_call_id": f"call_{turn}", "content": f"output {turn}"}]
+        cached.merge_context_tokens(previous, updated, [1, 2, 3], tools=[BASH_TOOL])
+    # The synthetic prefix (system, user, assistant + tool schemas) renders to the same
+    # text every time; only the first was encoded.
+    assert cache.hits >= 2
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(text=st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=200)
+       | st.sampled_from(["<|im_start|>user\nhi<|im_end|>\n", "<tool_call>\n{}\n</tool_call><|im_end|>", "  \n\n\t x"]))
+def test_encode_text_equals_the_tokenizer(tokenizer, text):
+    assert encode_text(tokenizer, text) == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_builder_whose_rendering_would_change_stays_uncached(tokenizer, token_builder):
+    class AppendsMarker:
+        """A tokenizer whose chat-template tokenization adds an id its text path does not."""
+
+        def __init__(self, inner):
+            self._inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+        def __call__(self, *args, **kwargs):
+            return self._inner(*args, **kwargs)
+
+        def apply_chat_template(self, *args, **kwargs):
+            out = self._inner.apply_chat_template(*args, **kwargs)
+            if kwargs.get("tokenize", True):  # verl asks for a plain list (return_dict=False)
+                out = list(out) + [5]
+            return out
+
+    odd = copy.copy(token_builder)
+    odd.tokenizer = AppendsMarker(tokenizer)
+    assert with_render_cache(odd) is odd
+
+
+def test_cache_is_bounded():
+    cache = TextTokenCache(max_entries=2, max_text_chars=10)
+
+    class Counting:
+        is_fast = False
+        calls = 0
+
+        def __call__(self, text, add_special_tokens):
+            Counting.calls += 1
+            return {"input_ids": [len(text)]}
+
+    tok = Counting()
+    for text in ["a", "b", "c", "a"]:
+        assert cache.ids(tok, text) == [len(text)]
+    assert len(cache) == 2 and Counting.calls == 4  # "a" was evicted by "c"
+    cache.ids(tok, "x" * 11)
+    assert len(cache) == 2  # too long to keep
+    with pytest.raises(ValueError):
+        TextTokenCache(max_entries=0)
+
+
+async def _session_state(tokenizer, token_builder, entries: int):
+    server = await ModelProxyServer.start(render_cache_entries=entries)
+    try:
+        texts = [hermes_tool_call_text("bash", {"command": "ls -la"}),
+                 hermes_tool_call_text("bash", {"command": "cat a.py"}), "Done."]
+        backend = ReplayBackend(tokenizer, texts)
+        handle = server.open_session(make_config(backend, tokenizer, token_builder, max_response_tokens=10_000))
+        messages: list[dict[str, Any]] = [{"role": "system", "content": "sys"}, {"role": "user", "content": "fix it"}]
+        async with httpx.AsyncClient() as client:
+            for turn in range(3):
+                response = await client.post(f"{handle.base_url}/chat/completions", headers=auth(handle.api_key),
+                                             json={"model": "m", "messages": messages, "tools": [BASH_TOOL]})
+                assert response.status_code == 200, response.text
+                message = response.json()["choices"][0]["message"]
+                messages = messages + [message]
+                for call in message.get("tool_calls") or []:
+                    messages.append({"role": "tool", "tool_call_id": call["id"], "content": f"result {turn} ünï\n"})
+                if not message.get("tool_calls"):
+                    messages.append({"role": "user", "content": "anything else?"})
+        result = server.close_session(handle.session_id)
+        return result.prompt_ids, result.response_ids, result.response_mask, result.response_logprobs
+    finally:
+        await server.stop()
+
+
+async def test_servers_with_and_without_the_cache_record_the_same_tokens(tokenizer, token_builder):
+    on = await _session_state(tokenizer, token_builder, entries=64)
+    off = await _session_state(tokenizer, token_builder, entries=0)
+    assert on == off
+    assert sum(on[2]) > 0 and 0 in on[2]  # sampled and context tokens both present
