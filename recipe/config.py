@@ -22,11 +22,30 @@ class Policy(str, Enum):
     reference patch through the agent's own tool calls -- a harness check, as
     SWE-bench validates its harness with gold patches, never a model result.
     ``empty``: submits at once without changing anything (a 0% floor check).
+    ``reference_with_tests``: the reference fix inside the action sequence of a real
+    agent (read the code, run the failing tests, fix, rerun them and the suite,
+    submit): tool phases that do real work, for resource traces and load tests.
     """
 
     MODEL = "model"
     REFERENCE = "reference"
     EMPTY = "empty"
+    REFERENCE_WITH_TESTS = "reference_with_tests"
+
+
+@dataclass
+class ScriptedSettings:
+    """Emulated inference time of the scripted policies (``model_proxy.backends.scripted.GenerationLatency``).
+
+    A scripted policy answers at once, so without this its rollouts have no inference
+    phases; all zero (default) = no emulation. ``GenerationLatency.served_7b()``
+    documents a realistic profile: 0.02 s/token, 1.0 s first token, 300 tokens, 0.3.
+    """
+
+    latency_per_token_s: float = 0.0  # seconds per generated token
+    latency_first_token_s: float = 0.0  # seconds before the first token
+    latency_min_turn_tokens: int = 0  # tokens a turn is charged for at least
+    latency_jitter_sigma: float = 0.0  # log-normal jitter of each turn's time; 0 = none
 
 
 @dataclass
@@ -130,6 +149,7 @@ class SWEAgentConfig:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     reward: RewardSettings = field(default_factory=RewardSettings)
     masking: MaskingSettings = field(default_factory=MaskingSettings)
+    scripted: ScriptedSettings = field(default_factory=ScriptedSettings)
     # Per-rollout agent trajectory files go here; null = not kept.
     trajectory_dir: str | None = None
 

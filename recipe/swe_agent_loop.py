@@ -37,7 +37,7 @@ from verl.experimental.agent_loop.agent_loop import (
 )
 
 from model_proxy.backends.base import GenerationBackend
-from model_proxy.backends.scripted import ScriptedPolicyBackend
+from model_proxy.backends.scripted import GenerationLatency, ScriptedPolicyBackend, reference_with_tests_commands
 from model_proxy.backends.verl_server import VerlServerBackend
 from model_proxy.server import ModelProxyServer, SessionConfig, SessionResult
 from prepare.task import SWETask
@@ -365,10 +365,22 @@ class SWEAgentLoop(AgentLoopBase):
 
     def _backend_for(self, task: SWETask) -> GenerationBackend:
         policy = self.swe_config.policy
-        if policy == Policy.REFERENCE:
-            return ScriptedPolicyBackend(self.tokenizer, reference_commands(task), mode=self.swe_config.agent.mode)
-        if policy == Policy.EMPTY:
-            return ScriptedPolicyBackend(self.tokenizer, [], mode=self.swe_config.agent.mode)
+        scripted = self.swe_config.scripted
+        latency = GenerationLatency(
+            per_token_s=scripted.latency_per_token_s,
+            first_token_s=scripted.latency_first_token_s,
+            min_turn_tokens=scripted.latency_min_turn_tokens,
+            jitter_sigma=scripted.latency_jitter_sigma,
+        )
+        scripts = {
+            Policy.REFERENCE: reference_commands,
+            Policy.REFERENCE_WITH_TESTS: reference_with_tests_commands,
+            Policy.EMPTY: lambda _: [],
+        }
+        for scripted_policy, commands in scripts.items():
+            if policy == scripted_policy:
+                return ScriptedPolicyBackend(self.tokenizer, commands(task), mode=self.swe_config.agent.mode,
+                                             latency=latency)
         if self.backend is not None:
             return self.backend
         if self.server_manager is None:

@@ -22,8 +22,17 @@ throttling: a rollout whose demand exceeds its ``memory.high`` does not advance.
 
 Trace sets: ``synthetic`` (generated from seed 001's distributions, see
 ``synthetic_trace``) and recorded traces (JSONL files written by
-``sandbox.measure``: ``{"t": s, "rss": bytes, "phase": "tool"|"inference"}``
-per line) given with ``--traces DIR``.
+``sandbox.measure``: ``{"t": s, "rss": bytes, "sandbox_rss": bytes,
+"agent_rss": bytes, "phase": "tool"|"inference"}`` per line) given with
+``--traces DIR``. ``--memory`` picks what a recorded trace's demand is:
+``sandbox`` (the tool processes: what the shim's cgroup holds when the agent
+harness runs outside it, as in Docker), ``sandbox+agent`` (the local
+deployment, agent inside the group) or ``rss`` (the column as recorded).
+
+The shim's baseline reservation is a user's knob (``ShimSettings.baseline_bytes``):
+``--baseline-mib measured`` sets it the way a user would from measurements, to
+the 99th percentile of the traces' inference-phase memory (what a rollout holds
+between tool calls), rounded up to a whole MiB.
 
 Outputs: a JSON of all numbers, a PNG plot and a Markdown table (``--out``).
 """
@@ -31,6 +40,7 @@ Outputs: a JSON of all numbers, a PNG plot and a Markdown table (``--out``).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import sys
@@ -134,28 +144,64 @@ def synthetic_trace(rng: np.random.Generator, dt: float, name: str = "", duratio
     return Trace(mem=mem, tool=tool, name=name)
 
 
-def load_recorded(directory: str | Path, dt: float) -> list[Trace]:
-    """Traces written by ``sandbox.measure`` (one JSONL per rollout), resampled to ``dt`` by holding values.
+MEMORY_COLUMNS = ("sandbox", "sandbox+agent", "rss")
+
+
+def _row_memory(row: dict, memory: str) -> float:
+    if memory == "rss" or "sandbox_rss" not in row:
+        return float(row["rss"])
+    if memory == "sandbox":
+        return float(row["sandbox_rss"])
+    return float(row["sandbox_rss"]) + float(row.get("agent_rss", 0))
+
+
+def load_recorded(directory: str | Path, dt: float, memory: str = "sandbox") -> list[Trace]:
+    """Traces written by ``sandbox.measure`` (one ``*.jsonl`` or gzipped ``*.jsonl.gz`` per rollout,
+    searched recursively), resampled to ``dt``: memory linearly interpolated between samples (a
+    sampler at 20 Hz sees 50 ms of growth at once; holding values would turn every ramp into a step
+    that no reactive controller could follow); a grid point between a tool sample and an inference
+    sample is in the tool.
+
+    ``memory``: ``"sandbox"`` (``sandbox_rss``: tool processes), ``"sandbox+agent"``
+    (``sandbox_rss + agent_rss``) or ``"rss"`` (as recorded); traces written before
+    the split (only ``rss``) are read as ``rss`` in every case.
 
     Raises:
-        ValueError: no usable trace file in ``directory`` (the message names it).
+        ValueError: unknown ``memory``, or no usable trace file in ``directory`` (the message names it).
     """
+    if memory not in MEMORY_COLUMNS:
+        raise ValueError(f"memory must be one of {MEMORY_COLUMNS}, got {memory!r}")
     traces = []
-    for path in sorted(Path(directory).rglob("*.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    paths = sorted([*Path(directory).rglob("*.jsonl"), *Path(directory).rglob("*.jsonl.gz")])
+    for path in paths:
+        text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         rows = [r for r in rows if "t" in r and "rss" in r]
         if len(rows) < 2:
             continue
         t = np.array([r["t"] for r in rows], dtype=float)
         t -= t[0]
-        rss = np.array([r["rss"] for r in rows], dtype=float) / (1 << 20)
+        rss = np.array([_row_memory(r, memory) for r in rows], dtype=float) / (1 << 20)
         ph = np.array([r.get("phase") == "tool" for r in rows])
         grid = np.arange(0, t[-1] + dt, dt)
         idx = np.clip(np.searchsorted(t, grid, side="right") - 1, 0, len(t) - 1)
-        traces.append(Trace(mem=rss[idx].astype(np.float32), tool=ph[idx], name=path.stem))
+        mem = np.interp(grid, t, rss)
+        # A step between a tool sample and an inference sample belongs to the tool (its processes
+        # starting or exiting), so interpolated ramps are never counted as inference-phase memory.
+        tool = ph[idx] | ph[np.minimum(idx + 1, len(t) - 1)]
+        traces.append(Trace(mem=mem.astype(np.float32), tool=tool, name=path.name.split(".")[0]))
     if not traces:
         raise ValueError(f"no trace files (*.jsonl with t/rss rows) under {directory}")
     return traces
+
+
+def measured_baseline_mib(traces: list[Trace], quantile: float = 0.99) -> float:
+    """A user's baseline reservation from measurements: the ``quantile`` of all inference-phase
+    samples (MiB), rounded up to a whole MiB, at least 1 MiB."""
+    idle = np.concatenate([t.mem[~t.tool] for t in traces])
+    if idle.size == 0:
+        return 1.0
+    return float(max(1.0, math.ceil(float(np.quantile(idle, quantile)))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,34 +548,46 @@ def sample_set(bank: list[Trace], n: int, rng: np.random.Generator, start_spread
 
 
 def evaluate(bank: list[Trace], *, label: str, n: int, dt: float, budget_gib: float | None, delays_ms: list[int],
-             slowdown_target: float, machine_gib: float, seed: int, start_spread_s: float, max_n: int = 2048) -> dict:
-    """All numbers for one trace set at concurrency ``n`` (see module docstring)."""
+             slowdown_target: float, machine_gib: float, seed: int, start_spread_s: float, max_n: int = 2048,
+             params: OursParams | None = None, reactive_floor: float = 256.0) -> dict:
+    """All numbers for one trace set at concurrency ``n`` (see module docstring).
+
+    ``params``: the shim's parameters (default ``OursParams()``); ``reactive_floor``: the
+    reactive controller's smallest limit, MiB.
+    """
+    params = params or OursParams()
     rng = np.random.default_rng(seed)
     traces, offsets = sample_set(bank, n, rng, start_spread_s)
     peak = replay_static(traces, offsets, dt, which="peak", budget=None)
     budget = budget_gib * GB if budget_gib else 0.5 * peak.provisioned_mib
     results = {"static-peak": peak, "static-mean": replay_static(traces, offsets, dt, which="mean", budget=None)}
     for d in delays_ms:
-        results[f"reactive-max-{d}ms"] = replay_reactive(traces, offsets, dt, delay_s=d / 1000, budget=None)
+        results[f"reactive-max-{d}ms"] = replay_reactive(traces, offsets, dt, delay_s=d / 1000, budget=None,
+                                                         floor=reactive_floor)
     # The throttling variant (memory.high instead of memory.max) at the slowest delay.
     d = max(delays_ms)
-    results[f"reactive-high-{d}ms"] = replay_reactive(traces, offsets, dt, delay_s=d / 1000, budget=None, mode="high")
-    results["ours-unbounded"] = replay_ours(traces, offsets, dt, budget=None)
-    pool, at_pool = min_pool_for(traces, offsets, dt, slowdown_target=slowdown_target,
+    results[f"reactive-high-{d}ms"] = replay_reactive(traces, offsets, dt, delay_s=d / 1000, budget=None, mode="high",
+                                                       floor=reactive_floor)
+    results["ours-unbounded"] = replay_ours(traces, offsets, dt, budget=None, params=params)
+    pool, at_pool = min_pool_for(traces, offsets, dt, slowdown_target=slowdown_target, params=params,
                                  lo=0.0, hi=max(peak.provisioned_mib, results["ours-unbounded"].provisioned_mib))
     results["ours"] = at_pool
     at_budget = {
         "static-peak": replay_static(traces, offsets, dt, which="peak", budget=budget),
         "static-mean": replay_static(traces, offsets, dt, which="mean", budget=budget),
-        "ours": replay_ours(traces, offsets, dt, budget=budget),
+        "ours": replay_ours(traces, offsets, dt, budget=budget, params=params),
     }
     for d in delays_ms:
-        at_budget[f"reactive-max-{d}ms"] = replay_reactive(traces, offsets, dt, delay_s=d / 1000, budget=budget)
+        at_budget[f"reactive-max-{d}ms"] = replay_reactive(traces, offsets, dt, delay_s=d / 1000, budget=budget,
+                                                           floor=reactive_floor)
     summary = {
         "label": label,
         "n": n,
         "dt_s": dt,
-        "trace_stats": bank_stats(traces),
+        "trace_stats": bank_stats(traces, dt),
+        "bank_stats": bank_stats(bank, dt),
+        "ours_params": asdict(params),
+        "reactive_floor_mib": reactive_floor,
         "provisioned_zero_oom_mib": {
             "static-peak": peak.provisioned_mib,
             "ours": pool,
@@ -544,12 +602,13 @@ def evaluate(bank: list[Trace], *, label: str, n: int, dt: float, budget_gib: fl
     k = max(1, int(round(0.05 / dt)))
     coarse = [Trace(t.mem[::k], t.tool[::k], t.name) for t in bank]
     summary["largest_n"] = largest_n(coarse, dt=dt * k, machine_gib=machine_gib, slowdown_target=slowdown_target,
-                                     seed=seed, start_spread_s=start_spread_s, n_max=max_n)
+                                     seed=seed, start_spread_s=start_spread_s, n_max=max_n, params=params)
     summary["largest_n"]["dt_s"] = dt * k
     return summary
 
 
-def largest_n(bank, *, dt, machine_gib, slowdown_target, seed, start_spread_s, n_max: int = 2048) -> dict:
+def largest_n(bank, *, dt, machine_gib, slowdown_target, seed, start_spread_s, n_max: int = 2048,
+              params: OursParams | None = None) -> dict:
     """Largest concurrency fitting ``machine_gib``: static-peak by sum of peaks, ours by replay
     (zero OOM kills and slowdown <= target with the machine as the pool), bisection on N."""
     cap = machine_gib * GB
@@ -562,7 +621,7 @@ def largest_n(bank, *, dt, machine_gib, slowdown_target, seed, start_spread_s, n
     def ok(n: int) -> bool:
         rng = np.random.default_rng(seed + n)
         traces, offsets = sample_set(bank, n, rng, start_spread_s)
-        return fits(replay_ours(traces, offsets, dt, budget=cap), slowdown_target)
+        return fits(replay_ours(traces, offsets, dt, budget=cap, params=params), slowdown_target)
 
     start = max(1, out["static-peak"])
     if ok(start):
@@ -582,10 +641,24 @@ def largest_n(bank, *, dt, machine_gib, slowdown_target, seed, start_spread_s, n
     return out
 
 
-def bank_stats(traces: list[Trace]) -> dict:
+def _tool_calls(t: Trace) -> list[tuple[int, int]]:
+    edges = np.flatnonzero(np.diff(np.r_[0, t.tool.astype(np.int8), 0]))
+    return list(zip(edges[::2], edges[1::2]))
+
+
+def bank_stats(traces: list[Trace], dt: float = 0.01) -> dict:
+    """Trace-set statistics (MiB, seconds): peaks, means, tool share, durations, tool calls and their bursts.
+
+    A tool call's burst is its peak minus the memory held just before it started.
+    """
     peaks = np.array([t.peak for t in traces])
     means = np.array([t.mean for t in traces])
     tool_share = np.array([t.tool.mean() for t in traces])
+    calls = [_tool_calls(t) for t in traces]
+    bursts = np.array([float(t.mem[a:b].max() - (t.mem[a - 1] if a > 0 else 0.0))
+                       for t, cs in zip(traces, calls) for a, b in cs] or [0.0])
+    call_s = np.array([(b - a) * dt for cs in calls for a, b in cs] or [0.0])
+    idle = np.concatenate([t.mem[~t.tool] for t in traces]) if any((~t.tool).any() for t in traces) else np.zeros(1)
     return {
         "count": len(traces),
         "peak_mib_median": float(np.median(peaks)),
@@ -593,7 +666,14 @@ def bank_stats(traces: list[Trace]) -> dict:
         "mean_mib_median": float(np.median(means)),
         "peak_over_mean_max": float((peaks / means).max()),
         "tool_share_median": float(np.median(tool_share)),
-        "duration_s_median": float(np.median([len(t.mem) for t in traces])),
+        "duration_s_median": float(np.median([len(t.mem) for t in traces]) * dt),
+        "tool_calls_per_trace_median": float(np.median([len(c) for c in calls])),
+        "tool_call_s_median": float(np.median(call_s)),
+        "tool_call_s_p95": float(np.quantile(call_s, 0.95)),
+        "burst_mib_median": float(np.median(bursts)),
+        "burst_mib_p95": float(np.quantile(bursts, 0.95)),
+        "burst_mib_max": float(bursts.max()),
+        "inference_mib_p99": float(np.quantile(idle, 0.99)),
     }
 
 
@@ -648,7 +728,11 @@ def markdown(summaries: list[dict]) -> str:
             "",
             f"Traces: {st['count']} rollouts, median peak {st['peak_mib_median']:.0f} MiB (max {st['peak_mib_max']:.0f}), "
             f"median mean {st['mean_mib_median']:.0f} MiB, max peak/mean {st['peak_over_mean_max']:.1f}x, "
-            f"median tool share {100 * st['tool_share_median']:.0f}%. Replay step {1000 * s['dt_s']:.0f} ms.",
+            f"median tool share {100 * st['tool_share_median']:.0f}%, median duration {st['duration_s_median']:.0f} s, "
+            f"median {st['tool_calls_per_trace_median']:.0f} tool calls per rollout seen (median {st['tool_call_s_median']:.2f} s, "
+            f"p95 {st['tool_call_s_p95']:.1f} s), tool bursts median {st['burst_mib_median']:.0f} MiB "
+            f"(p95 {st['burst_mib_p95']:.0f}, max {st['burst_mib_max']:.0f}). Replay step {1000 * s['dt_s']:.0f} ms. "
+            f"Shim baseline {s['ours_params']['baseline']:.0f} MiB, reactive floor {s['reactive_floor_mib']:.0f} MiB.",
             "",
             "| policy | provisioned (GiB) | OOM kills | tool calls | throttled (% of tool time) |",
             "|---|---:|---:|---:|---:|",
@@ -689,6 +773,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bank", type=int, default=256, help="synthetic traces to generate")
     ap.add_argument("--traces", default=None, help="directory of recorded trace JSONL files (sandbox.measure)")
     ap.add_argument("--no-synthetic", action="store_true")
+    ap.add_argument("--memory", choices=MEMORY_COLUMNS, default="sandbox",
+                    help="recorded traces' demand: tool processes (sandbox), agent + tools, or the recorded rss column")
+    ap.add_argument("--baseline-mib", default=None,
+                    help="the shim's baseline reservation for recorded traces, MiB, or 'measured' (p99 of their "
+                         "inference-phase memory); default: ShimSettings' 256 MiB. Synthetic traces always use 256.")
+    ap.add_argument("--reactive-floor-mib", type=float, default=256.0,
+                    help="the reactive controller's smallest limit for recorded traces, MiB (synthetic: 256)")
     ap.add_argument("--dt-ms", type=float, default=10.0, help="replay step, ms (<= the smallest reactive delay)")
     ap.add_argument("--delays-ms", default="10,50,100", help="reactive controller delays, ms")
     ap.add_argument("--budget-gib", type=float, default=None, help="budget for the OOM comparison (default: half of static-peak)")
@@ -713,11 +804,16 @@ def main(argv: list[str] | None = None) -> int:
                                   seed=args.seed, start_spread_s=args.start_spread_s, max_n=args.max_n))
         print(markdown(summaries[-1:]), flush=True)
     if args.traces:
-        bank = load_recorded(args.traces, dt)
-        summaries.append(evaluate(bank, label=f"recorded ({Path(args.traces).name})", n=args.n, dt=dt,
+        bank = load_recorded(args.traces, dt, memory=args.memory)
+        params = OursParams()
+        if args.baseline_mib == "measured":
+            params.baseline = measured_baseline_mib(bank)
+        elif args.baseline_mib is not None:
+            params.baseline = float(args.baseline_mib)
+        summaries.append(evaluate(bank, label=f"recorded ({Path(args.traces).name}, {args.memory})", n=args.n, dt=dt,
                                   budget_gib=args.budget_gib, delays_ms=delays, slowdown_target=args.slowdown_target,
                                   machine_gib=args.machine_gib, seed=args.seed, start_spread_s=args.start_spread_s,
-                                  max_n=args.max_n))
+                                  max_n=args.max_n, params=params, reactive_floor=args.reactive_floor_mib))
         print(markdown(summaries[-1:]), flush=True)
     if not summaries:
         ap.error("nothing to replay: give --traces or drop --no-synthetic")

@@ -6,6 +6,22 @@ once the commands are used up it emits mini-swe-agent's submit command
 ``echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT``. With ``commands=[]`` it submits at
 once (the "submits nothing" policy).
 
+Scripts:
+
+- ``reference``: the task's reference patch applied (``recipe.swe_agent_loop.reference_commands``);
+- ``reference_with_tests`` (``reference_with_tests_commands``): the action sequence of
+  a real coding agent (seed 001, "understand - modify - verify"): inspect the code the
+  fix touches, reproduce the failure with the task's test command, apply the reference
+  fix, re-run the failing tests' files, run the whole suite, look at the diff, submit.
+  Its tool calls do the work real agents' tool calls do (test runs are 44-73% of Bash
+  time in seed 001), so its resource traces have real tool-phase bursts.
+
+Emulated inference time (``GenerationLatency``): a scripted policy answers in
+microseconds, a GPU-served one does not. With a latency set, each turn sleeps
+(``asyncio.sleep``, the event loop keeps running) for the time a served model would
+take to produce it, so traces recorded with this backend have realistic inference
+phases. That time is emulated; everything the tools do is real.
+
 Formats (the text is tokenized with ``tokenizer.encode`` and the eos id appended):
 
 - ``mode="tool_call"`` (mini-swe-agent ``litellm`` model, ``bash`` tool):
@@ -24,8 +40,15 @@ turn (then the ids are truncated and the reason is ``"length"``, as a real model
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import math
+import random
+import shlex
+import zlib
 from collections import defaultdict
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, Sequence
 
 from ..tool_format import SUBMIT_COMMAND, hermes_tool_call_text, text_action
 from .base import GenerationOutput
@@ -33,10 +56,153 @@ from .base import GenerationOutput
 ScriptMode = Literal["tool_call", "text"]
 
 
-class ScriptedPolicyBackend:
-    """Replays ``commands`` one per turn, then submits. Turns are counted per ``request_id``."""
+@dataclass(frozen=True)
+class GenerationLatency:
+    """Emulated inference time of one turn, in seconds:
+    ``first_token_s + per_token_s * max(generated tokens, min_turn_tokens)``, times a
+    log-normal factor ``exp(N(0, jitter_sigma))`` drawn per turn (seeded by request id
+    and turn, so a run is reproducible).
 
-    def __init__(self, tokenizer: Any, commands: list[str], mode: ScriptMode = "tool_call") -> None:
+    Attributes:
+        per_token_s: decode time per generated token, seconds (time per output token, TPOT).
+        first_token_s: time to the first token (queueing + prefill of the context), seconds.
+        min_turn_tokens: tokens a real agent's turn has at least (its reasoning before the
+            command; the scripted text itself is only the command).
+        jitter_sigma: sigma of the log-normal factor; 0 = deterministic.
+
+    ``GenerationLatency()`` is zero (no emulation). ``GenerationLatency.served_7b()`` is the
+    profile the recorded trace set used; sources are in its docstring.
+
+    Raises:
+        ValueError: a negative field.
+    """
+
+    per_token_s: float = 0.0
+    first_token_s: float = 0.0
+    min_turn_tokens: int = 0
+    jitter_sigma: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("per_token_s", "first_token_s", "min_turn_tokens", "jitter_sigma"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"GenerationLatency.{name} must be >= 0, got {getattr(self, name)!r}")
+
+    @classmethod
+    def served_7b(cls) -> GenerationLatency:
+        """A 3B-7B policy served by vLLM to a batch of concurrent rollouts.
+
+        - ``per_token_s=0.02`` (50 tokens/s per sequence): vLLM serving benchmarks give
+          3-15 ms TPOT at 64-256 concurrent sequences for 30-49B models on B200
+          (docs.vultr.com/inference-cookbook, "Concurrency Tuning"), and ~9 ms
+          (108 tokens/s) for Llama-3.1-8B at one stream (Hugging Face dataset
+          rbgo/llm-inference-benchmark); an A100/H100 shared by a rollout batch of
+          64 is slower per sequence, so 20 ms.
+        - ``first_token_s=1.0``: prefill of a 4-16k-token agent context in a busy batch.
+        - ``min_turn_tokens=300``: a mini-swe-agent turn is a THOUGHT paragraph plus
+          one command.
+        - ``jitter_sigma=0.3``.
+
+        That is about 7 s per turn. Seed 001's GLM runs spent ~64% of 664 s on inference
+        over ~30 Bash calls, about 14 s per turn, so this profile is on the short side:
+        it makes tool phases a larger share of time than seed 001 saw.
+        """
+        return cls(per_token_s=0.02, first_token_s=1.0, min_turn_tokens=300, jitter_sigma=0.3)
+
+    @property
+    def enabled(self) -> bool:
+        return self.per_token_s > 0 or self.first_token_s > 0
+
+    def seconds(self, n_tokens: int, key: str = "") -> float:
+        """Emulated seconds for a turn of ``n_tokens`` generated tokens (``key`` seeds the jitter)."""
+        base = self.first_token_s + self.per_token_s * max(int(n_tokens), self.min_turn_tokens)
+        if self.jitter_sigma <= 0 or base <= 0:
+            return base
+        rng = random.Random(zlib.crc32(key.encode()))
+        return base * math.exp(rng.gauss(0.0, self.jitter_sigma))
+
+
+class _TaskLike(Protocol):
+    """The ``prepare.task.SWETask`` fields a script reads."""
+
+    patch: str
+    test_cmd: str
+    FAIL_TO_PASS: list[str]
+    PASS_TO_PASS: list[str]
+
+
+def _patched_files(patch: str) -> list[tuple[str, int]]:
+    """(path, first hunk's source line) per file the patch changes (unidiff)."""
+    from unidiff import PatchSet
+
+    out = []
+    for pf in PatchSet(patch):
+        path = pf.path
+        line = pf[0].source_start if len(pf) else 1
+        out.append((path, line))
+    return out
+
+
+def _test_files(tests: Sequence[str]) -> list[str]:
+    """Files of pytest node ids (``a/b.py::C::t`` -> ``a/b.py``); unittest ids are kept whole."""
+    files: list[str] = []
+    for name in tests:
+        f = name.split("::", 1)[0] if "::" in name else name
+        if f not in files:
+            files.append(f)
+    return files
+
+
+def reference_with_tests_commands(task: _TaskLike, *, output_lines: int = 25) -> list[str]:
+    """A real agent's action sequence around the task's reference fix (module docstring).
+
+    Commands, one per turn: (1) ``git status`` and the code around the first hunk of
+    each patched file; (2) the task's test command on the FAIL_TO_PASS tests
+    (reproduce); (3) the reference patch applied (base64 on one line, as
+    ``reference_commands``); (4) the test command on the files of all FAIL_TO_PASS
+    and PASS_TO_PASS tests; (5) the test command alone (the whole suite); (6)
+    ``git diff --stat``. Test output is cut to its last ``output_lines`` lines, as
+    agents do, so observations stay within the context.
+
+    Raises:
+        ValueError: the task has no patch or no test command.
+    """
+    if not task.patch.strip() or not task.test_cmd.strip():
+        raise ValueError("reference_with_tests needs the task's patch and test_cmd")
+    tail = f" 2>&1 | tail -n {int(output_lines)}"
+    views = [f"sed -n '{max(1, line - 15)},{line + 25}p' {shlex.quote(path)}" for path, line in _patched_files(task.patch)]
+    failing = list(task.FAIL_TO_PASS)
+    files = _test_files(failing + list(task.PASS_TO_PASS))
+    encoded = base64.b64encode(task.patch.encode()).decode()
+    return [
+        " && ".join(["git status --short", *views]),
+        f"{task.test_cmd} {shlex.join(failing)}{tail}",
+        f"echo {encoded} | base64 -d | git apply --whitespace=nowarn -",
+        f"{task.test_cmd} {shlex.join(files)}{tail}",
+        f"{task.test_cmd}{tail}",
+        "git diff --stat",
+    ]
+
+
+class ScriptedPolicyBackend:
+    """Replays ``commands`` one per turn, then submits. Turns are counted per ``request_id``.
+
+    Args:
+        tokenizer: a tokenizer with an eos token (the end-of-turn token).
+        commands: bash commands, one per turn.
+        mode: ``"tool_call"`` or ``"text"`` (module docstring).
+        latency: emulated inference time per turn (``GenerationLatency``); None = answer at once.
+
+    Raises:
+        ValueError: unknown ``mode``, or a tokenizer without eos.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        commands: list[str],
+        mode: ScriptMode = "tool_call",
+        latency: GenerationLatency | None = None,
+    ) -> None:
         if mode not in ("tool_call", "text"):
             raise ValueError(f"mode must be 'tool_call' or 'text', got {mode!r}")
         if tokenizer.eos_token_id is None:
@@ -44,6 +210,7 @@ class ScriptedPolicyBackend:
         self.tokenizer = tokenizer
         self.commands = list(commands)
         self.mode = mode
+        self.latency = latency or GenerationLatency()
         self._turns: dict[str, int] = defaultdict(int)
 
     def command_for_turn(self, turn: int) -> str:
@@ -74,4 +241,6 @@ class ScriptedPolicyBackend:
         if max_tokens is not None and len(token_ids) > int(max_tokens):
             token_ids = token_ids[: int(max_tokens)]
             stop_reason = "length"
+        if self.latency.enabled:
+            await asyncio.sleep(self.latency.seconds(len(token_ids), key=f"{request_id}/{turn}"))
         return GenerationOutput(token_ids=token_ids, logprobs=[0.0] * len(token_ids), stop_reason=stop_reason)

@@ -88,9 +88,13 @@ async def run_mini_swe_agent(
     On timeout the agent's process group is killed and the status is
     ``rollout_timeout``. On cancellation the group is killed and
     ``asyncio.CancelledError`` propagates (the sandbox's teardown kills anything
-    the agent's commands left running). ``wrap_argv`` (the resource shim's) starts
-    the agent inside the rollout's cgroup; the sandbox's ``command_prefix``
-    (bubblewrap) wraps each of the agent's bash commands.
+    the agent's commands left running). The sandbox's ``command_prefix``
+    (bubblewrap) wraps each of the agent's bash commands, and ``wrap_argv`` (the
+    resource shim's) goes in front of it, so each command starts inside the
+    rollout's cgroup: the group holds the sandbox's tool processes, not the agent
+    harness (whose ~200 MiB is a flat per-rollout cost that would hide the tool
+    bursts the shim's limits follow; in Docker deployments it lives outside the
+    container too). See docs/resource_shim.md.
     """
     spec_path = sandbox.home / "runner_spec.json"
     result_path = sandbox.home / "runner_result.json"
@@ -107,14 +111,14 @@ async def run_mini_swe_agent(
         turn_timeout_s=settings.turn_timeout_s,
         trajectory_path=trajectory_path,
         result_path=str(result_path),
-        command_prefix=list(sandbox.command_prefix),
+        command_prefix=wrap_argv(list(sandbox.command_prefix)) if wrap_argv else list(sandbox.command_prefix),
     )
     await asyncio.to_thread(spec_path.write_text, spec.model_dump_json())
 
     argv = [sys.executable, "-m", "recipe.runners.mini_swe_agent_entry", str(spec_path)]
     exit_code, timed_out, duration = await spawn_agent(
         sandbox, argv, env=agent_environment(sandbox, settings), log_path=log_path,
-        timeout_s=settings.rollout_timeout_s, wrap_argv=wrap_argv,
+        timeout_s=settings.rollout_timeout_s,
     )
 
     log_tail = await asyncio.to_thread(_tail, log_path)

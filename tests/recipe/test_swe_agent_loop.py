@@ -7,7 +7,9 @@ policies, the tiny random Qwen2 model on CPU, and a backend that raises.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import shlex
 from pathlib import Path
 
 import hydra
@@ -49,13 +51,13 @@ def sandbox_parent(tmp_path):
     return tmp_path / "sandboxes"
 
 
-def make_loop(tokenizer, sandbox_parent, *, backend=None, **swe_agent) -> SWEAgentLoop:
+def make_loop(tokenizer, sandbox_parent, *, backend=None, response_length=RESPONSE_LENGTH, **swe_agent) -> SWEAgentLoop:
     swe_agent.setdefault("sandbox", {"parent_dir": str(sandbox_parent)})
     return SWEAgentLoop.standalone(
         tokenizer=tokenizer,
         hf_model_type="qwen2",
         prompt_length=8192,
-        response_length=RESPONSE_LENGTH,
+        response_length=response_length,
         swe_agent=swe_agent,
         backend=backend,
     )
@@ -119,6 +121,58 @@ async def test_swe_agent_backend_replays_the_reference_patch(rows, tokenizer, sa
     assert out.extra_fields["exit_status"] == ExitStatus.SUBMITTED.value, out.extra_fields["error"]
     assert out.extra_fields["resolved"]
     assert_token_invariants(out)
+    assert_nothing_left([out], sandbox_parent)
+
+
+async def test_reference_with_tests_policy_runs_tests_and_emulates_inference(rows, tokenizer, sandbox_parent):
+    """The agent-like script runs the task's tests as tool calls; inference takes the configured time."""
+    loop = make_loop(tokenizer, sandbox_parent, policy="reference_with_tests", response_length=16384,
+                     scripted={"latency_first_token_s": 0.3})
+    out = await run_row(loop, rows[0])
+    extra = out.extra_fields
+    assert extra["exit_status"] == ExitStatus.SUBMITTED.value, extra["error"]
+    assert extra["resolved"] and out.reward_score == 1.0
+    assert extra["num_llm_calls"] >= 7  # six commands, then the submission
+    assert extra["generation_s"] >= 0.3 * extra["num_llm_calls"]
+    assert_nothing_left([out], sandbox_parent)
+
+
+async def test_resource_shim_wraps_each_tool_command_not_the_agent(rows, tokenizer, sandbox_parent, tmp_path):
+    """The rollout's cgroup holds the sandbox's tool processes: the shim's wrap goes in front of every
+    bash command (outside bubblewrap) and not in front of the agent harness.
+
+    The shim is a stand-in for a cgroup v2 one (none is writable here; the real shim's wrap is
+    tested over a fake cgroupfs in tests/sandbox): its wrap logs each argv instead of moving the pid.
+    """
+    log = tmp_path / "wrapped.log"
+
+    class RecordingLease:
+        cgroup_path = None
+
+        def on_phase(self, phase: str) -> None:
+            pass
+
+        def wrap_argv(self, argv: list[str]) -> list[str]:
+            return ["sh", "-c", f'echo "$*" >> {shlex.quote(str(log))}; exec "$@"', "sh", *argv]
+
+    class RecordingShim:
+        @contextlib.asynccontextmanager
+        async def rollout(self, rollout_id: str):
+            yield RecordingLease()
+
+    loop = make_loop(tokenizer, sandbox_parent, policy="reference")
+    probe, _ = await loop._process_resources()
+
+    async def resources():
+        return probe, RecordingShim()
+
+    loop._process_resources = resources
+    out = await run_row(loop, rows[0])
+    assert out.extra_fields["resolved"], out.extra_fields["error"]
+    wrapped = log.read_text().splitlines()
+    assert len(wrapped) >= 2  # git apply, git status (and the submission)
+    assert all("bash -c" in line and "mini_swe_agent_entry" not in line for line in wrapped), wrapped
+    assert any("git apply" in line for line in wrapped)
     assert_nothing_left([out], sandbox_parent)
 
 

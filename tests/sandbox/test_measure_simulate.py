@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from sandbox.simulate import (
     Trace,
     load_recorded,
     main as simulate_main,
+    measured_baseline_mib,
     replay_ours,
     replay_reactive,
     replay_static,
@@ -33,11 +35,12 @@ AGENT = (
 )
 
 
-def test_sampler_labels_tool_phase_from_the_process_tree_and_writes_a_trace(tmp_path):
+@pytest.mark.parametrize("scope", ["sandbox", "tree"])
+def test_sampler_labels_tool_phase_and_splits_agent_from_sandbox(tmp_path, scope):
     rid = uuid.uuid4().hex
     trace = tmp_path / f"{rid}.jsonl"
     agent = subprocess.Popen([sys.executable, "-c", AGENT], env={**os.environ, ROLLOUT_MARKER_ENV: rid})
-    sampler = ResourceSampler(rid, hz=20, trace_path=trace)
+    sampler = ResourceSampler(rid, hz=20, trace_path=trace, scope=scope)
     sampler.start()
     agent.wait(timeout=30)
     time.sleep(0.2)
@@ -45,13 +48,25 @@ def test_sampler_labels_tool_phase_from_the_process_tree_and_writes_a_trace(tmp_
     rows = [json.loads(line) for line in trace.read_text().splitlines()]
     assert len(rows) >= 20  # >= 10 Hz over ~2 s
     tool = [r for r in rows if r["phase"] == "tool"]
-    idle = [r for r in rows if r["phase"] == "inference" and r["rss"] > 0]
+    idle = [r for r in rows if r["phase"] == "inference" and r["agent_rss"] > 0]
     assert tool and idle
+    # The agent process is never counted as sandbox memory; between tools the sandbox is empty.
+    assert all(r["sandbox_rss"] == 0 and r["nproc"] == 0 for r in idle)
+    assert max(r["sandbox_rss"] for r in tool) >= 150 << 20
+    if scope == "sandbox":
+        assert all(r["rss"] == r["sandbox_rss"] for r in rows)
+        assert max(r["rss"] for r in idle) == 0
+    else:
+        assert all(r["rss"] == r["sandbox_rss"] + r["agent_rss"] for r in rows)
+        assert min(r["rss"] for r in idle) > 5 << 20  # the agent's interpreter
     assert max(r["rss"] for r in tool) > max(r["rss"] for r in idle) + (100 << 20)
     assert len(res.tool_calls) == 1 and res.tool_calls[0].peak_rss >= 150 << 20
+    assert res.scope == scope and res.agent_peak_rss > 5 << 20
     assert res.peak_rss >= res.tool_calls[0].peak_rss and res.cpu_s > 0
     with pytest.raises(ValueError, match=">= 10.0 Hz"):
         ResourceSampler(rid, hz=5)
+    with pytest.raises(ValueError, match="scope"):
+        ResourceSampler(rid, scope="container")
 
 
 def test_sampler_follows_the_proxy_phase_when_wired():
@@ -110,17 +125,33 @@ def test_cli_replays_recorded_traces_and_writes_report(tmp_path):
     traces = tmp_path / "traces"
     traces.mkdir()
     for i in range(3):
-        rows = [{"t": k * 0.05, "rss": (150 + (400 if 20 <= k < 30 else 0)) << 20, "phase": "tool" if 20 <= k < 30 else "inference"}
+        rows = [{"t": k * 0.05, "rss": (150 + (400 if 20 <= k < 30 else 0)) << 20,
+                 "sandbox_rss": (400 if 20 <= k < 30 else 0) << 20, "agent_rss": 150 << 20,
+                 "phase": "tool" if 20 <= k < 30 else "inference"}
                 for k in range(60)]
-        (traces / f"r{i}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    assert len(load_recorded(traces, 0.01)) == 3
+        text = "\n".join(json.dumps(r) for r in rows)
+        if i == 2:  # gzipped trace files are read too
+            (traces / f"r{i}.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+        else:
+            (traces / f"r{i}.jsonl").write_text(text)
+    assert sorted(t.name for t in load_recorded(traces, 0.01)) == ["r0", "r1", "r2"]
+    # --memory picks the sandbox (tool processes) or sandbox + agent.
+    assert max(t.peak for t in load_recorded(traces, 0.01, memory="sandbox")) == pytest.approx(400)
+    assert min(t.mem.min() for t in load_recorded(traces, 0.01, memory="sandbox+agent")) == pytest.approx(150)
+    assert measured_baseline_mib(load_recorded(traces, 0.01, memory="sandbox+agent")) == 150
+    assert measured_baseline_mib(load_recorded(traces, 0.01, memory="sandbox")) == 1  # at least 1 MiB
     out = tmp_path / "report"
     assert simulate_main(["--no-synthetic", "--traces", str(traces), "--n", "4", "--machine-gib", "2",
-                          "--start-spread-s", "1", "--max-n", "32", "--out", str(out)]) == 0
+                          "--start-spread-s", "1", "--max-n", "32", "--baseline-mib", "measured",
+                          "--reactive-floor-mib", "64", "--out", str(out)]) == 0
     summary = json.loads(out.with_suffix(".json").read_text())[0]
     assert summary["results"]["static-peak"]["oom_kills"] == 0
     assert summary["results"]["ours"]["oom_kills"] == 0
+    assert summary["ours_params"]["baseline"] == 1 and summary["reactive_floor_mib"] == 64
+    assert summary["trace_stats"]["burst_mib_max"] == pytest.approx(400)
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert "static-peak" in out.with_suffix(".md").read_text()
     with pytest.raises(ValueError, match="no trace files"):
         load_recorded(tmp_path / "nothing", 0.01)
+    with pytest.raises(ValueError, match="memory must be"):
+        load_recorded(traces, 0.01, memory="vsz")
