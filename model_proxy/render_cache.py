@@ -114,18 +114,21 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
 
     For a fast tokenizer whose Rust backend is in the state ``__call__`` would put it
     in (no truncation, no padding, the same special-token splitting), the backend's
-    ``encode_batch_fast`` (tokenizers >= 0.20: ``encode_batch`` without offset
-    tracking) gives the same ids; anything else goes through ``__call__``.
+    single-sequence ``encode`` gives the same ids (``__call__`` runs ``encode_batch``
+    on a batch of one); anything else goes through ``__call__``. Not a batch call:
+    with ``TOKENIZERS_PARALLELISM`` on, a batch of one still wakes the Rayon thread
+    pool, which cost more CPU than the encoding in ``bench/proxy_overhead.py``.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
     if (
         backend is not None
-        and hasattr(backend, "encode_batch_fast")
         and backend.truncation is None
         and backend.padding is None
         and bool(backend.encode_special_tokens) == bool(getattr(tokenizer, "split_special_tokens", False))
     ):
-        return list(backend.encode_batch_fast([text], add_special_tokens=False)[0].ids)
+        if hasattr(backend, "encode_batch_fast"):  # tokenizers >= 0.20: no offset tracking
+            return list(backend.encode_batch_fast([text], add_special_tokens=False)[0].ids)
+        return list(backend.encode(text, add_special_tokens=False).ids)
     return normalize_token_ids(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -78,6 +78,8 @@ _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 # Largest accepted request body, bytes. A 128k-token history is ~0.5-1 MB of JSON;
 # 32 MiB leaves room for tool schemas and long observations while refusing garbage.
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
+# ~2K tokens: tokenizing it on the event loop takes well under a millisecond.
+DEFAULT_INLINE_TOKENIZE_MAX_CHARS = 8192
 # A configured port that is taken: try the next ports, this many in all (1 = no fallback).
 DEFAULT_PORT_FALLBACK_TRIES = 100
 
@@ -162,8 +164,10 @@ class ModelProxyServer:
         profile_log_dir: str | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         render_cache_entries: int = DEFAULT_RENDER_CACHE_ENTRIES,
+        inline_tokenize_max_chars: int = DEFAULT_INLINE_TOKENIZE_MAX_CHARS,
     ) -> None:
         self.host = host
+        self.inline_tokenize_max_chars = inline_tokenize_max_chars
         self.port = port
         self.profile_log_dir = profile_log_dir
         self.max_request_bytes = max_request_bytes
@@ -200,6 +204,7 @@ class ModelProxyServer:
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         port_fallback_tries: int = DEFAULT_PORT_FALLBACK_TRIES,
         render_cache_entries: int = DEFAULT_RENDER_CACHE_ENTRIES,
+        inline_tokenize_max_chars: int = DEFAULT_INLINE_TOKENIZE_MAX_CHARS,
     ) -> ModelProxyServer:
         """Bind ``host:port`` and serve on the running loop.
 
@@ -214,6 +219,10 @@ class ModelProxyServer:
             max_request_bytes: larger request bodies get 413.
             render_cache_entries: size of the per-builder text -> token-ids cache under
                 verl's Continuous Token builder (``render_cache.py``); 0 = off.
+            inline_tokenize_max_chars: a request whose new text (appended messages plus
+                tool schemas) is at most this many characters is tokenized on the event
+                loop (well under a millisecond) instead of in the executor; 0 = always the
+                executor.
 
         Returns:
             A started server; ``server.port`` is the real port.
@@ -236,6 +245,7 @@ class ModelProxyServer:
             profile_log_dir=profile_log_dir,
             max_request_bytes=max_request_bytes,
             render_cache_entries=render_cache_entries,
+            inline_tokenize_max_chars=inline_tokenize_max_chars,
         )
         config = uvicorn.Config(
             server.app,
@@ -343,7 +353,8 @@ class ModelProxyServer:
         api_key = f"sk-session-{secrets.token_urlsafe(32)}"
         profile = self._profiles.get(config.profile_log_dir or self.profile_log_dir)
         config = dataclasses.replace(config, token_builder=self._render_cached(config.token_builder))
-        session = ProxySession(session_id, api_key, config, self._executor, profile=profile)
+        session = ProxySession(session_id, api_key, config, self._executor, profile=profile,
+                               inline_tokenize_max_chars=self.inline_tokenize_max_chars)
         self._sessions[session_id] = session
         return SessionHandle(
             session_id=session_id,

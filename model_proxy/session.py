@@ -41,8 +41,9 @@ context after a truncated turn (no end-of-turn token) would train on a token
 sequence the chat format never produces, so the next request is refused with
 ``context_length_exceeded``. So is a request whose appended context leaves no room.
 
-All builder work is CPU-bound and runs in the server's executor; between awaits the
-session mutates its state in one synchronous block, so a concurrent
+Builder work is CPU-bound: small renders (``inline_tokenize_max_chars``) run in
+line, larger ones in the server's executor; between awaits the session mutates its
+state in one synchronous block, so a concurrent
 ``close_session`` always sees a consistent snapshot. Requests of one session are
 serialized by a lock.
 """
@@ -50,6 +51,7 @@ serialized by a lock.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -252,6 +254,7 @@ class ProxySession:
         config: SessionConfig,
         executor: Executor,
         profile: ProfileWriter | None = None,
+        inline_tokenize_max_chars: int = 0,
     ) -> None:
         if config.max_response_tokens <= 0:
             raise ValueError(f"max_response_tokens must be positive, got {config.max_response_tokens}")
@@ -267,6 +270,7 @@ class ProxySession:
         self.closed = False
         self.profile = profile
         self._executor = executor
+        self._inline_tokenize_max_chars = inline_tokenize_max_chars
         self._lock = asyncio.Lock()
         self._parser = TurnParser(config.tokenizer, config.tool_parser)
         # Token state of the current segment; None until its first request is tokenized.
@@ -440,7 +444,9 @@ class ProxySession:
         """A new segment's state: ``build_initial_tokens`` of the whole history."""
         builder = self.config.token_builder
         try:
-            prompt_ids = await self._run_cpu(lambda: list(builder.build_initial_tokens(messages, tools=tools)))
+            prompt_ids = await self._run_cpu(
+                lambda: list(builder.build_initial_tokens(messages, tools=tools)), _text_chars(messages, tools)
+            )
         except (ValueError, TypeError, KeyError, jinja2.TemplateError) as exc:
             raise ProxyError(
                 400, f"The messages cannot be rendered with the chat template: {exc}", code="invalid_messages"
@@ -517,7 +523,7 @@ class ProxySession:
             return list(result.token_ids), list(new_mask), list(new_logprobs or [])
 
         try:
-            new_ids, new_mask, new_logprobs = await self._run_cpu(merge)
+            new_ids, new_mask, new_logprobs = await self._run_cpu(merge, _text_chars(tail, self._tools))
         except ValueError as exc:
             # verl's builder refuses tails it cannot tokenize append-only.
             self._error = "history_mismatch"
@@ -680,7 +686,15 @@ class ProxySession:
         self._stop = stop
         self.finished.set()
 
-    async def _run_cpu(self, fn: Callable[[], Any]) -> Any:
+    async def _run_cpu(self, fn: Callable[[], Any], text_chars: int) -> Any:
+        """``fn()`` (chat-template rendering + tokenization of about ``text_chars`` characters).
+
+        Small work runs in line: a thread hop and the GIL handoffs around it cost more
+        than tokenizing a few KiB (``bench/proxy_overhead.py``); larger work goes to
+        the executor so the event loop keeps serving other sessions.
+        """
+        if text_chars <= self._inline_tokenize_max_chars:
+            return fn()
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
 
@@ -697,6 +711,13 @@ class _State:
     prompt_len: int
     new_segment: bool = False
     first_request: bool = False
+
+
+def _text_chars(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
+    """Characters a render of ``messages`` with ``tools`` tokenizes, roughly (template text aside)."""
+    size = sum(len(m.get("content") or "") for m in messages)
+    size += sum(len(c["function"]["arguments"]) for m in messages for c in m.get("tool_calls") or [])
+    return size + (len(json.dumps(tools)) if tools else 0)
 
 
 def _aborted_error() -> ProxyError:
