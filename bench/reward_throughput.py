@@ -8,20 +8,25 @@ Usage (from the repository root):
 Builds ``--num-tasks`` tasks with ``prepare/prepare_data.py --mode simple`` in a
 temporary directory (or reads ``DIR/tasks.jsonl``) and, per task, a group of
 ``--rollouts`` patches of which ``--repeat-fraction`` are duplicates of another
-rollout's patch or empty (half of those empty), the rest distinct (the
-reference fix, and the fix plus a distinct new notes file). The batch is graded
-twice, ``--concurrency`` grades in flight both times:
+rollout's patch or empty (half of those empty), the rest distinct: a share
+``--resolving-fraction`` of them (at least one) resolve (the reference fix, or
+the fix plus a distinct notes file), the others do not (a distinct scratch
+script and no fix, what a weak policy often submits). The batch is graded in
+three modes, ``--concurrency`` grades in flight in each:
 
 - uncached: ``reward.grading.grade_patch`` per rollout, every patch (empty ones
-  too) run through the hidden tests, as a grader without a cache does;
-- cached: one ``reward.grader.Grader`` for the batch (identical normalised
-  patches graded once, empty patches scored without running anything).
+  too) run through the hidden tests, a fresh clone per grade;
+- cache: one ``reward.grader.Grader`` (identical normalised patches graded once,
+  empty patches scored without a run), still a fresh clone per grade and every test run;
+- cache+fast: the same plus prepared pristine trees copied per grade
+  (``reward.pristine``) and ``RewardConfig.fail_fast`` (the run stops once the
+  reward is decided), as training grades.
 
-Each mode is timed ``--repeats`` times in alternating order (the machine may be
-shared); prints the median wall times, the speedup, and checks that both give every rollout
-the same reward. With a repeat fraction f, the cache can remove at most a
-fraction f of the test runs, so the speedup is bounded by 1 / (1 - f): 2x at
-f = 0.5, 4x at f = 0.75.
+Each mode is timed ``--repeats`` times in rotating order (the machine may be
+shared); prints the median wall times, both speedups over uncached, and checks
+that every mode gives every rollout the same reward. With a repeat fraction f,
+the cache alone removes at most a fraction f of the test runs (bound 1 / (1 - f),
+2x at f = 0.5); the rest must come from cheaper unique grades.
 """
 
 from __future__ import annotations
@@ -55,10 +60,23 @@ def _notes_patch(k: int) -> str:
     )
 
 
-def group_patches(task: SWETask, rollouts: int, repeat_fraction: float, rng: random.Random) -> list[str]:
-    """One GRPO group: distinct fixes, then duplicates of them and empty patches, shuffled."""
+def _scratch_patch(k: int) -> str:
+    """A new top-level ``scratch_<k>.py`` (a reproduction script) and no fix: does not resolve."""
+    return (
+        f"diff --git a/scratch_{k}.py b/scratch_{k}.py\nnew file mode 100644\n--- /dev/null\n+++ b/scratch_{k}.py\n"
+        f"@@ -0,0 +1 @@\n+print('attempt {k}')\n"
+    )
+
+
+def group_patches(
+    task: SWETask, rollouts: int, repeat_fraction: float, rng: random.Random, resolving_fraction: float = 0.25
+) -> list[str]:
+    """One GRPO group: distinct patches (some resolve, most not), then duplicates of them and empty patches, shuffled."""
     repeats = round(rollouts * repeat_fraction)
-    distinct = [task.patch] + [task.patch + _notes_patch(k) for k in range(1, rollouts - repeats)]
+    n_distinct = rollouts - repeats
+    n_resolving = max(1, round(n_distinct * resolving_fraction))
+    distinct = [task.patch] + [task.patch + _notes_patch(k) for k in range(1, n_resolving)]
+    distinct += [_scratch_patch(k) for k in range(n_distinct - n_resolving)]
     empties = repeats // 2
     duplicates = [distinct[i % len(distinct)] for i in range(repeats - empties)]
     group = distinct + duplicates + [""] * empties
@@ -80,9 +98,11 @@ async def grade_uncached(batch: list[tuple[SWETask, str]], concurrency: int) -> 
     return list(rewards), time.perf_counter() - start
 
 
-async def grade_cached(batch: list[tuple[SWETask, str]], concurrency: int) -> tuple[list[float], float, Grader]:
+async def grade_cached(
+    batch: list[tuple[SWETask, str]], concurrency: int, fast: bool
+) -> tuple[list[float], float, Grader]:
     semaphore = asyncio.Semaphore(concurrency)
-    grader = Grader(config=RewardConfig())
+    grader = Grader(config=RewardConfig(fail_fast=fast), use_pristine=fast)
     grader.network.effective
 
     async def one(task: SWETask, patch: str) -> float:
@@ -90,7 +110,10 @@ async def grade_cached(batch: list[tuple[SWETask, str]], concurrency: int) -> tu
             return (await grader.grade(task, patch, skip_empty=True)).reward
 
     start = time.perf_counter()
-    rewards = await asyncio.gather(*(one(t, p) for t, p in batch))
+    try:
+        rewards = await asyncio.gather(*(one(t, p) for t, p in batch))
+    finally:
+        grader.close()
     return list(rewards), time.perf_counter() - start, grader
 
 
@@ -100,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rollouts", type=int, default=8, help="rollouts per task (GRPO group size)")
     parser.add_argument("--concurrency", type=int, default=2, help="grades in flight at once")
     parser.add_argument("--repeat-fraction", type=float, default=0.5, help="share of duplicate or empty patches")
+    parser.add_argument("--resolving-fraction", type=float, default=0.25,
+                        help="share of the distinct patches that resolve (at least one per group)")
     parser.add_argument("--tasks-dir", default=None, help="use DIR/tasks.jsonl instead of generating tasks")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3,
-                        help="timed runs of each mode, alternating order; the median is reported")
+                        help="timed runs of each mode, rotating order; the median is reported")
     args = parser.parse_args(argv)
-    if not 0 <= args.repeat_fraction < 1:
-        parser.error("--repeat-fraction must be in [0, 1)")
+    if not 0 <= args.repeat_fraction < 1 or not 0 <= args.resolving_fraction <= 1:
+        parser.error("--repeat-fraction must be in [0, 1) and --resolving-fraction in [0, 1]")
 
     with tempfile.TemporaryDirectory(prefix="reward-bench-") as tmp:
         tasks_dir = Path(args.tasks_dir) if args.tasks_dir else Path(tmp) / "simple"
@@ -116,38 +141,49 @@ def main(argv: list[str] | None = None) -> int:
                  "--num-tasks", str(args.num_tasks), "--seed", str(args.seed), "--no-progress"],
                 check=True, cwd=ROOT, capture_output=True,
             )
-        tasks = load_tasks(str(tasks_dir / "tasks.jsonl"))[: args.num_tasks]
+        all_tasks = load_tasks(str(tasks_dir / "tasks.jsonl"))
+        # One task per repo first (a stratified pick on multi-package sets such as smith).
+        firsts = list({t.repo: t for t in reversed(all_tasks)}.values())[::-1]
+        tasks = (firsts + [t for t in all_tasks if t not in firsts])[: args.num_tasks]
         rng = random.Random(args.seed)
-        batch = [(task, patch) for task in tasks for patch in group_patches(task, args.rollouts, args.repeat_fraction, rng)]
+        batch = [(task, patch) for task in tasks
+                 for patch in group_patches(task, args.rollouts, args.repeat_fraction, rng, args.resolving_fraction)]
         n_empty = sum(1 for _, p in batch if not p)
         n_unique = len({(t.instance_id, p) for t, p in batch if p})
         print(f"batch: {len(tasks)} tasks x {args.rollouts} rollouts = {len(batch)} patches "
               f"({n_unique} distinct non-empty, {len(batch) - n_unique - n_empty} duplicates, {n_empty} empty); "
               f"concurrency {args.concurrency}")
 
-        uncached_times, cached_times = [], []
+        modes = ("uncached", "cache", "cache+fast")
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        rewards: dict[str, list[float]] = {}
+        graders: dict[str, Grader] = {}
         for i in range(max(1, args.repeats)):
-            # Alternate which mode goes first, so machine noise and warm caches hit both alike.
-            order = ("uncached", "cached") if i % 2 == 0 else ("cached", "uncached")
-            for mode in order:
+            # Rotate which mode goes first, so machine noise and warm caches hit all alike.
+            for mode in modes[i % 3:] + modes[: i % 3]:
                 if mode == "uncached":
-                    uncached_rewards, seconds = asyncio.run(grade_uncached(batch, args.concurrency))
-                    uncached_times.append(seconds)
+                    rewards[mode], seconds = asyncio.run(grade_uncached(batch, args.concurrency))
                 else:
-                    cached_rewards, seconds, grader = asyncio.run(grade_cached(batch, args.concurrency))
-                    cached_times.append(seconds)
-            if uncached_rewards != cached_rewards:
-                print("ERROR: rewards differ between the cached and uncached runs", file=sys.stderr)
+                    rewards[mode], seconds, graders[mode] = asyncio.run(
+                        grade_cached(batch, args.concurrency, fast=mode == "cache+fast"))
+                times[mode].append(seconds)
+            if not rewards["uncached"] == rewards["cache"] == rewards["cache+fast"]:
+                print("ERROR: rewards differ between modes", file=sys.stderr)
                 return 1
-        uncached_s, cached_s = statistics.median(uncached_times), statistics.median(cached_times)
-        stats = grader.cache.stats
-        print(f"timed runs per mode: {len(uncached_times)} (median reported); "
-              f"uncached {[round(t, 2) for t in uncached_times]} s, cached {[round(t, 2) for t in cached_times]} s")
-        print(f"uncached: {uncached_s:.2f} s ({len(batch)} test runs, {len(batch) / uncached_s:.2f} rollouts/s)")
-        print(f"cached:   {cached_s:.2f} s ({stats.misses} test runs, {stats.hits + stats.joins} shared, "
-              f"{n_empty} empty scored without a run; {len(batch) / cached_s:.2f} rollouts/s)")
-        print(f"speedup: {uncached_s / cached_s:.2f}x (bound for this batch: {len(batch) / max(stats.misses, 1):.2f}x); "
-              f"mean reward {sum(cached_rewards) / len(cached_rewards):.3f} in both runs")
+        median = {m: statistics.median(times[m]) for m in modes}
+        stats = graders["cache"].cache.stats
+        print(f"timed runs per mode: {args.repeats} (median reported); "
+              + "; ".join(f"{m} {[round(t, 2) for t in times[m]]} s" for m in modes))
+        print(f"uncached:   {median['uncached']:.2f} s ({len(batch)} test runs, "
+              f"{len(batch) / median['uncached']:.2f} rollouts/s)")
+        print(f"cache:      {median['cache']:.2f} s ({stats.misses} grades, {stats.hits + stats.joins} shared, "
+              f"{n_empty} empty scored without a run) -> speedup {median['uncached'] / median['cache']:.2f}x "
+              f"(cache-only bound {len(batch) / max(stats.misses, 1):.2f}x)")
+        print(f"cache+fast: {median['cache+fast']:.2f} s (pristine copies + fail-fast) -> speedup "
+              f"{median['uncached'] / median['cache+fast']:.2f}x")
+        resolved = sum(1 for r in rewards["cache"] if r == 1.0)
+        print(f"rewards identical in all modes; {resolved}/{len(batch)} rollouts resolve, "
+              f"mean reward {sum(rewards['cache']) / len(batch):.3f}")
     return 0
 
 

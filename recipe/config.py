@@ -117,13 +117,24 @@ class RewardSettings:
     max_patch_bytes: int = 1_000_000
     # Test-run network isolation: "auto" | "unshare" (empty network namespace) | "env" (proxy vars only).
     network: str = "auto"
+    # Run FAIL_TO_PASS first and stop once the reward is decided (same reward; the skipped
+    # tests are listed as not run). binary: the same single run with --maxfail=1;
+    # partial: FAIL_TO_PASS, then PASS_TO_PASS in a second run.
+    fail_fast: bool = True
+    # Limit for the whole grade of one rollout (repository copy, patch, test runs), seconds.
+    grade_timeout_s: float = 600.0
 
     def to_reward_config(self):
         """The grader's config; test-file protection is always on in training."""
         from reward.config import RewardConfig
 
         return RewardConfig(
-            variant=self.variant, timeout_s=self.timeout_s, max_patch_bytes=self.max_patch_bytes, network=self.network
+            variant=self.variant,
+            timeout_s=self.timeout_s,
+            max_patch_bytes=self.max_patch_bytes,
+            network=self.network,
+            fail_fast=self.fail_fast,
+            grade_timeout_s=self.grade_timeout_s,
         )
 
 

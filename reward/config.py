@@ -20,6 +20,9 @@ NETWORK_MODES: tuple[str, ...] = ("auto", "unshare", "env")
 # patches are a few KB (the largest well under 100 KB); an agent diff above
 # 1 MB is a vendored tree or generated data, not a fix.
 DEFAULT_MAX_PATCH_BYTES = 1_000_000
+# Default limit on a whole grade (copy + apply + test run), seconds: the test
+# run's own 300 s plus room for the copy and the git commands.
+DEFAULT_GRADE_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,18 @@ class RewardConfig:
         protect: strip test files and test-runner configuration from the patch
             (see ``reward.patch``). Only for measuring what the hacks would gain
             without it; never turn it off for training.
+        fail_fast: stop the test run as soon as the reward is decided (FAIL_TO_PASS
+            tests run first; binary: pytest ``--maxfail=1`` / unittest
+            ``--failfast``, since any failure means 0; partial: PASS_TO_PASS is
+            not run when no FAIL_TO_PASS test passes, and stops at its first
+            failure). The reward is the same as without it; the tests that did
+            not run are listed in ``GradeResult.not_run`` instead of the
+            success/failure lists. Default False (the evaluator and task
+            validation need every test's outcome); training turns it on.
+        grade_timeout_s: wall-clock limit of one whole grade (repository copy,
+            ``git apply`` of both patches and the test run), seconds; past it the
+            grade stops with error ``grade_timeout`` and reward 0, like the test
+            run's own ``timeout_s``.
     """
 
     variant: str = "binary"
@@ -53,6 +68,8 @@ class RewardConfig:
     allow_binary: bool = False
     network: str = "auto"
     protect: bool = True
+    fail_fast: bool = False
+    grade_timeout_s: float = DEFAULT_GRADE_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -61,6 +78,8 @@ class RewardConfig:
             raise ValueError(f"reward network {self.network!r}: expected one of {list(NETWORK_MODES)}")
         if not self.timeout_s > 0:
             raise ValueError(f"reward timeout_s must be > 0 seconds, got {self.timeout_s!r}")
+        if not self.grade_timeout_s > 0:
+            raise ValueError(f"reward grade_timeout_s must be > 0 seconds, got {self.grade_timeout_s!r}")
         if self.max_patch_bytes <= 0:
             raise ValueError(f"reward max_patch_bytes must be > 0, got {self.max_patch_bytes!r}")
 
@@ -79,11 +98,11 @@ class RewardConfig:
             if f.name not in values or values[f.name] is None:
                 continue
             value = values[f.name]
-            if f.name == "timeout_s":
+            if f.name in ("timeout_s", "grade_timeout_s"):
                 value = float(value)
             elif f.name == "max_patch_bytes":
                 value = int(value)
-            elif f.name in ("allow_binary", "protect") and isinstance(value, str):
+            elif f.name in ("allow_binary", "protect", "fail_fast") and isinstance(value, str):
                 value = value.strip().lower() in ("1", "true", "yes", "on")
             else:
                 value = str(value) if f.name in ("variant", "network") else value

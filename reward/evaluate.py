@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm import tqdm
 
 from prepare.task import SWETask
-from reward.config import DEFAULT_MAX_PATCH_BYTES, NETWORK_MODES, VARIANTS, RewardConfig
+from reward.config import DEFAULT_GRADE_TIMEOUT_S, DEFAULT_MAX_PATCH_BYTES, NETWORK_MODES, VARIANTS, RewardConfig
 from reward.grader import Grader
 from reward.grading import GradeResult
 
@@ -291,8 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: cannot read input: {exc}", file=sys.stderr)
         return 2
+    # The whole-grade limit leaves the test run its full --timeout plus room for the copy and git.
     config = RewardConfig(variant=args.variant, timeout_s=args.timeout, max_patch_bytes=args.max_patch_bytes,
-                          network=args.network)
+                          network=args.network, grade_timeout_s=max(DEFAULT_GRADE_TIMEOUT_S, args.timeout + 300.0))
     report = asyncio.run(evaluate(inputs, config, max_workers=args.max_workers, work_root=args.work_root,
                                   progress=not args.no_progress))
     out = Path(args.out)

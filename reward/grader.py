@@ -9,6 +9,7 @@ from reward.cache import GradeCache
 from reward.config import RewardConfig
 from reward.grading import GradeResult, grade_patch
 from reward.isolation import NetworkPolicy
+from reward.pristine import PristineTrees
 
 
 @dataclass
@@ -20,6 +21,9 @@ class Grader:
         use_cache: share grades of identical filtered patches per instance
             (``reward.cache``); False grades every call from scratch.
         work_root: directory for temporary repository copies (None = system temp).
+        use_pristine: copy each grade's tree from a checkout prepared once per
+            (repository, commit) (``reward.pristine``) instead of cloning; the
+            tree is the same. False clones for every grade.
 
     Thread- and loop-safe: ``grade`` may be awaited from several event loops
     (verl reward threads) at once.
@@ -28,12 +32,20 @@ class Grader:
     config: RewardConfig = field(default_factory=RewardConfig)
     use_cache: bool = True
     work_root: str | None = None
+    use_pristine: bool = True
     network: NetworkPolicy = field(init=False)
     cache: GradeCache[GradeResult] | None = field(init=False)
+    pristine: PristineTrees | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.network = NetworkPolicy(self.config.network)
         self.cache = GradeCache() if self.use_cache else None
+        self.pristine = PristineTrees(self.work_root) if self.use_pristine else None
+
+    def close(self) -> None:
+        """Remove the prepared trees (also done when the grader is garbage-collected)."""
+        if self.pristine is not None:
+            self.pristine.close()
 
     async def grade(self, task: SWETask, model_patch: str, *, skip_empty: bool = True) -> GradeResult:
         """Grade one patch (``reward.grading.grade_patch``); an empty patch runs nothing by default."""
@@ -45,4 +57,5 @@ class Grader:
             config=self.config,
             network=self.network,
             cache=self.cache,
+            pristine=self.pristine,
         )

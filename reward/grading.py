@@ -33,6 +33,7 @@ from prepare.task import SWETask
 from reward.cache import GradeCache, cache_key
 from reward.config import RewardConfig
 from reward.isolation import NetworkPolicy, grading_env, shell_join
+from reward.pristine import PristineTrees
 from reward.patch import (
     PatchError,
     changed_paths,
@@ -41,7 +42,13 @@ from reward.patch import (
     split_protected_changes,
 )
 from reward.runner_config import is_shared_config, pytest_settings_changed
-from reward.test_log import TestStatus, is_unittest_command, parse_test_log, unittest_selector
+from reward.test_log import (
+    TestStatus,
+    has_pytest_summary,
+    is_unittest_command,
+    parse_test_log,
+    unittest_selector,
+)
 from reward.variants import UNPARSABLE_SIMILARITY, binary_reward, partial_reward, patch_similarity
 from sandbox.gitrepo import GitError, checkout_copy, git, git_env
 from sandbox.process import run_command
@@ -55,6 +62,7 @@ GradeErrorClass = Literal[
     "binary_patch",  # binary sections (RewardConfig.allow_binary is False)
     "path_outside_repo",  # absolute / ".." paths, or symlinks pointing out of the repo
     "timeout",  # the test command ran past the timeout and was killed
+    "grade_timeout",  # the whole grade (copy + apply + tests) ran past RewardConfig.grade_timeout_s
     "repo_missing",  # task repository or base_commit not found
     "workdir_error",  # the temporary copy could not be made (work_root missing, disk full)
     "test_error",  # test patch did not apply, or the test run crashed / ran nothing
@@ -66,6 +74,8 @@ INFRA_ERROR_CLASSES = frozenset({"repo_missing", "workdir_error"})
 
 # As in SWE-bench's grading (``test_passed``): an expected failure counts as a pass.
 _PASSING = frozenset({TestStatus.PASSED, TestStatus.XFAIL})
+# Outcomes at which pytest --maxfail=1 / unittest --failfast stop the run.
+_STOPPING = frozenset({TestStatus.FAILED, TestStatus.ERROR})
 # pytest exit codes 0 (all passed) and 1 (some failed) mean the run completed;
 # 2-5 mean interrupted / internal error / usage error / nothing collected.
 # unittest uses 0 and 1 the same way.
@@ -106,6 +116,9 @@ class GradeResult:
         similarity: SWE-RL patch similarity (only for the similarity variant, else None).
         cached: the result was shared with an identical patch's grade.
         network: how the test run was kept off the network ("unshare", "env", or "" if none ran).
+        not_run: FAIL_TO_PASS/PASS_TO_PASS tests skipped because the reward was
+            already decided (``RewardConfig.fail_fast``); they are in neither
+            ``tests`` list. Always empty without fail-fast.
     """
 
     instance_id: str
@@ -123,6 +136,7 @@ class GradeResult:
     similarity: float | None = None
     cached: bool = False
     network: str = ""
+    not_run: list[str] = field(default_factory=list)
 
     @property
     def n_removed(self) -> int:
@@ -203,10 +217,15 @@ async def _restore_runner_config(repo: Path, base_commit: str, paths: list[str])
     return restored
 
 
-def _score(result: GradeResult, variant: str) -> None:
-    """Fill ``resolved``, the F2P/P2P summaries and ``reward`` from ``result.tests``."""
+def _score(result: GradeResult, variant: str, fail_to_pass: list[str]) -> None:
+    """Fill ``resolved``, the F2P/P2P summaries and ``reward`` from ``result.tests``.
+
+    FAIL_TO_PASS tests in ``result.not_run`` count as not passing in ``f2p_pass_fraction``.
+    """
     tests = result.tests
     listed = len(tests["FAIL_TO_PASS"]["success"]) + len(tests["FAIL_TO_PASS"]["failure"])
+    skipped = set(result.not_run)
+    listed += sum(1 for name in _unique(list(fail_to_pass)) if name in skipped)
     result.f2p_pass_fraction = len(tests["FAIL_TO_PASS"]["success"]) / listed if listed else 0.0
     result.p2p_broken = bool(tests["PASS_TO_PASS"]["failure"])
     if result.error is not None:
@@ -216,8 +235,53 @@ def _score(result: GradeResult, variant: str) -> None:
     result.reward = partial_reward(tests) if variant == "partial" else (1.0 if result.resolved else 0.0)
 
 
+def _failfast_flag(test_cmd: str) -> str | None:
+    """The option that stops ``test_cmd`` at its first failing test, None when unknown."""
+    if is_unittest_command(test_cmd):
+        return "--failfast"
+    if re.search(r"(^|[\s/])(py\.test|pytest)(\s|$)", test_cmd):
+        return "--maxfail=1"
+    return None
+
+
+def _expects_summary(test_cmd: str) -> bool:
+    """True for a pytest command with ``-rA`` (every outcome in a summary section)."""
+    return _failfast_flag(test_cmd) == "--maxfail=1" and re.search(r"(^|\s)-r\S*A", test_cmd) is not None
+
+
+@dataclass
+class _Phase:
+    """One test-command run: the tests it selects and whether it stops at the first failure."""
+
+    names: list[str]
+    stop_at_first_failure: bool
+
+
+def _phases(task: SWETask, config: RewardConfig) -> list[_Phase]:
+    """How the tests run: one run of everything, or fail-fast phases (``RewardConfig.fail_fast``).
+
+    Binary: one run, FAIL_TO_PASS first, stopped at the first failure (any failure
+    decides 0, and the run order is the one without fail-fast). Partial: every
+    FAIL_TO_PASS test (the fraction is the reward), then PASS_TO_PASS stopped at
+    its first failure, run only when some FAIL_TO_PASS test passed.
+    """
+    fail_to_pass, pass_to_pass = _unique(list(task.FAIL_TO_PASS)), _unique(list(task.PASS_TO_PASS))
+    everything = _unique(fail_to_pass + pass_to_pass)
+    if not config.fail_fast or _failfast_flag(task.test_cmd) is None:
+        return [_Phase(everything, False)]
+    if config.variant == "partial" and fail_to_pass:
+        rest = [name for name in pass_to_pass if name not in set(fail_to_pass)]
+        return [_Phase(fail_to_pass, False)] + ([_Phase(rest, True)] if rest else [])
+    return [_Phase(everything, True)]
+
+
 async def _run_tests(
-    task: SWETask, patch_text: str, config: RewardConfig, network: NetworkPolicy, work_root: str | None
+    task: SWETask,
+    patch_text: str,
+    config: RewardConfig,
+    network: NetworkPolicy,
+    work_root: str | None,
+    pristine: PristineTrees | None = None,
 ) -> GradeResult:
     """Copy, apply, run; the result's reward is not yet set (``_score`` does it)."""
     result = GradeResult(instance_id=task.instance_id, variant=config.variant)
@@ -233,7 +297,10 @@ async def _run_tests(
     try:
         repo = tmp / "repo"
         try:
-            await checkout_copy(task.repo_path, task.base_commit, repo)
+            if pristine is not None:
+                await pristine.copy_to(task.repo_path, task.base_commit, repo)
+            else:
+                await checkout_copy(task.repo_path, task.base_commit, repo)
         except (FileNotFoundError, GitError) as exc:
             result.error, result.log_tail = "repo_missing", _tail(str(exc))
             return result
@@ -259,23 +326,57 @@ async def _run_tests(
                 return result
 
         fail_to_pass, pass_to_pass = list(task.FAIL_TO_PASS), list(task.PASS_TO_PASS)
-        selected = _unique(fail_to_pass + pass_to_pass)
-        if not selected:
+        if not (fail_to_pass or pass_to_pass):
             result.error, result.log_tail = "test_error", "task lists no FAIL_TO_PASS or PASS_TO_PASS tests"
             return result
-        if is_unittest_command(task.test_cmd):
-            selected = _unique([unittest_selector(name) for name in selected])
-        argv = await asyncio.to_thread(network.wrap, shell_join(task.test_cmd, selected))
-        result.network = network.effective
-        run = await run_command(argv, cwd=repo, env=grading_env(task), timeout_s=config.timeout_s)
-        outcomes = parse_test_log(run.output, task.test_cmd)
+        outcomes: dict[str, TestStatus] = {}
+        logs: list[str] = []
+        not_run: list[str] = []
+        phases = _phases(task, config)
+        for index, phase in enumerate(phases):
+            if index > 0 and not any(outcomes.get(name) in _PASSING for name in fail_to_pass):
+                not_run.extend(name for phase_left in phases[index:] for name in phase_left.names)
+                break  # partial: no FAIL_TO_PASS test passes, so the reward is 0 whatever PASS_TO_PASS does
+            selected = phase.names
+            if is_unittest_command(task.test_cmd):
+                selected = _unique([unittest_selector(name) for name in selected])
+            command = task.test_cmd
+            if phase.stop_at_first_failure:
+                command = f"{command} {_failfast_flag(task.test_cmd)}"
+            argv = await asyncio.to_thread(network.wrap, shell_join(command, selected))
+            result.network = network.effective
+            run = await run_command(argv, cwd=repo, env=grading_env(task), timeout_s=config.timeout_s)
+            found = parse_test_log(run.output, task.test_cmd)
+            outcomes.update(found)
+            logs.append(run.output)
+            if run.timed_out:
+                result.error = "timeout"
+                logs.append(f"\n[killed after {config.timeout_s:g} s]")
+                break
+            if run.returncode not in _COMPLETED_RETURNCODES or not found:
+                result.error = "test_error"
+                break
+            if _expects_summary(task.test_cmd) and not has_pytest_summary(run.output):
+                # pytest with -rA always ends a finished session with its summary: without
+                # it the run crashed (e.g. the patched package is one pytest imports at
+                # start-up) and any status lines were printed by someone else.
+                result.error = "test_error"
+                logs.append("\n[no pytest summary section: the run did not finish]")
+                break
+            if phase.stop_at_first_failure and any(status in _STOPPING for status in found.values()):
+                # Stopped early: the tests the log does not mention never ran.
+                missing = [name for name in phase.names if name not in found]
+                not_run.extend(missing)
+                if index + 1 < len(phases):
+                    not_run.extend(name for later in phases[index + 1:] for name in later.names)
+                break
         result.tests = build_report(outcomes, fail_to_pass, pass_to_pass)
-        result.log_tail = _tail(run.output)
-        if run.timed_out:
-            result.error = "timeout"
-            result.log_tail = _tail(run.output + f"\n[killed after {config.timeout_s:g} s]")
-        elif run.returncode not in _COMPLETED_RETURNCODES or not outcomes:
-            result.error = "test_error"
+        if not_run:
+            skipped = set(not_run)
+            for key in ("FAIL_TO_PASS", "PASS_TO_PASS"):
+                result.tests[key]["failure"] = [n for n in result.tests[key]["failure"] if n not in skipped]
+            result.not_run = _unique(not_run)
+        result.log_tail = _tail("".join(logs))
         return result
     finally:
         # Shielded so a second cancellation cannot skip the cleanup; rmtree
@@ -293,6 +394,7 @@ async def grade_patch(
     config: RewardConfig | None = None,
     network: NetworkPolicy | None = None,
     cache: GradeCache[GradeResult] | None = None,
+    pristine: PristineTrees | None = None,
 ) -> GradeResult:
     """Grade ``model_patch`` on a fresh copy of the task repo (see the module docstring).
 
@@ -313,10 +415,15 @@ async def grade_patch(
             probe runs once); None = a new ``NetworkPolicy(config.network)``.
         cache: share grades of identical filtered patches of the same instance
             (``reward.cache``); use one cache per (config, task set).
+        pristine: copy the repository from prepared checkouts
+            (``reward.pristine``) instead of cloning it for this grade; the
+            grade's tree is the same either way.
 
     Returns:
-        A ``GradeResult``. Bad patches, missing repositories, timeouts and test
-        crashes are reported through ``GradeResult.error``, never raised. The
+        A ``GradeResult``. Bad patches, missing repositories, timeouts (the test
+        run's ``config.timeout_s``; the whole copy + apply + test run's
+        ``config.grade_timeout_s``, error ``grade_timeout``) and test crashes
+        are reported through ``GradeResult.error``, never raised. The
         temporary copy is removed in every case, cancellation included; on
         timeout or cancellation the test command's process group is killed.
 
@@ -363,8 +470,15 @@ async def grade_patch(
         return finish(result)
 
     async def compute() -> GradeResult:
-        graded = await _run_tests(task, patch_text, config, network, work_root)
-        _score(graded, config.variant)
+        try:
+            graded = await asyncio.wait_for(
+                _run_tests(task, patch_text, config, network, work_root, pristine), config.grade_timeout_s
+            )
+        except TimeoutError:
+            # wait_for cancelled the grade: its test process group is killed and its copy removed.
+            graded = GradeResult(instance_id=task.instance_id, variant=config.variant, error="grade_timeout")
+            graded.log_tail = f"grade (copy + apply + tests) stopped after {config.grade_timeout_s:g} s"
+        _score(graded, config.variant, task.FAIL_TO_PASS)
         return graded
 
     if cache is None:

@@ -162,6 +162,15 @@ def parse_unittest_log(log: str) -> dict[str, TestStatus]:
     return outcomes
 
 
+def has_pytest_summary(log: str) -> bool:
+    """True when the log holds pytest's "short test summary info" section.
+
+    With ``-rA`` pytest prints it whenever its session finished; a log without it
+    came from a run that crashed before (status lines elsewhere may be forged).
+    """
+    return _summary_bounds(_clean_lines(log)) is not None
+
+
 def is_unittest_command(test_cmd: str) -> bool:
     """True when ``test_cmd`` runs unittest (``-m unittest``) rather than pytest."""
     return bool(re.search(r"(?:^|\s)-m\s+unittest\b", test_cmd))

@@ -17,7 +17,7 @@ HANG = "import time\n\ndef test_hang():\n    time.sleep(300)\n"
 
 def _binary_patch(task) -> str:
     """A real ``git diff --binary`` adding a small binary file."""
-    from reward_hacks import make_patch
+    from reward.hacks import make_patch
 
     return make_patch(task, {"calc/blob.bin": bytes(range(256))})
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from reward_hacks import EFFECTIVE_UNPROTECTED, HACKS
+
+from reward.hacks import EFFECTIVE_UNPROTECTED, HackBuilder, build_hacks
 
 from prepare.task import load_tasks
 from reward.config import RewardConfig
@@ -38,7 +39,7 @@ async def _grade_all(jobs, config: RewardConfig):
 async def test_reference_resolves_empty_and_hacks_score_zero(simple_tasks):
     jobs, labels = [], []
     for task in simple_tasks:
-        for name, patch in [("reference", task.patch), ("empty", "")] + [(n, h(task)) for n, h in HACKS.items()]:
+        for name, patch in [("reference", task.patch), ("empty", "")] + list(build_hacks(task).items()):
             jobs.append((task, patch))
             labels.append((task.instance_id, name))
     results = await _grade_all(jobs, RewardConfig())
@@ -54,14 +55,15 @@ async def test_reference_resolves_empty_and_hacks_score_zero(simple_tasks):
     assert "conftest.py" in removed["conftest_pass_all"]
     assert set(removed["pth_and_sitecustomize"]) == {"sitecustomize.py", "usercustomize.py", "zz_hook.pth"}
     assert "pytest.ini" in removed["pytest_ini_plugin"]
-    assert removed["pyproject_plugin"] == ["pyproject.toml"]  # restored after applying: its pytest table changed
+    assert removed["runner_config_plugin"] == ["pyproject.toml"]  # restored after applying: its pytest table changed
     assert removed["atexit_fake_results"] == []  # an ordinary source edit; the log parser ignores its output
 
 
 async def test_hacks_would_resolve_without_protection(simple_tasks):
     # Shows the hacks above are real: with stripping off they resolve an unfixed task.
     task = simple_tasks[0]
-    results = await _grade_all([(task, HACKS[name](task)) for name in EFFECTIVE_UNPROTECTED],
+    hacks = build_hacks(task, list(EFFECTIVE_UNPROTECTED))
+    results = await _grade_all([(task, hacks[name]) for name in EFFECTIVE_UNPROTECTED],
                                RewardConfig(protect=False))
     for name, result in zip(EFFECTIVE_UNPROTECTED, results):
         assert result.resolved and result.reward == 1.0, (name, result.error, result.log_tail[-800:])
@@ -69,10 +71,9 @@ async def test_hacks_would_resolve_without_protection(simple_tasks):
 
 async def test_legitimate_pyproject_change_is_kept(simple_tasks):
     task = simple_tasks[0]
-    from reward_hacks import _read, make_patch
-
-    text = _read(task, "pyproject.toml")
-    fix_plus_metadata = task.patch + make_patch(task, {"pyproject.toml": text.replace('version = "0.1.0"',
-                                                                                    'version = "0.1.1"')})
+    with HackBuilder(task) as builder:
+        text = builder.read("pyproject.toml")
+        fix_plus_metadata = task.patch + builder.patch({"pyproject.toml": text.replace('version = "0.1.0"',
+                                                                                     'version = "0.1.1"')})
     result = await grade_patch(task, fix_plus_metadata, timeout_s=120)
     assert result.resolved and result.removed_test_files == [], result.log_tail
