@@ -61,7 +61,8 @@ from model_proxy.render_cache import DEFAULT_MAX_ENTRIES as DEFAULT_RENDER_CACHE
 
 
 def _serve(model_dir: str, conn: Any, render_cache_entries: int) -> None:
-    """Child: start the proxy, open sessions on request ("open", n) -> [(base_url, key)], stop on "stop"."""
+    """Child: start the proxy; ("open", (n, finished ids)) closes the finished sessions (as the agent
+    loop does when a rollout ends) and answers n new [(base_url, key, session id)]; "stop" stops."""
     asyncio.run(_serve_async(model_dir, conn, render_cache_entries))
 
 
@@ -90,14 +91,17 @@ async def _serve_async(model_dir: str, conn: Any, render_cache_entries: int) -> 
         command, arg = await loop.run_in_executor(None, conn.recv)
         if command == "stop":
             break
+        count, finished = arg
+        for session_id in finished:
+            server.close_session(session_id)
         handles = [
             server.open_session(
                 SessionConfig(backend=backend, tokenizer=tokenizer, token_builder=builder,
                               max_response_tokens=10_000_000, sampling_params={"temperature": 1.0})
             )
-            for _ in range(arg)
+            for _ in range(count)
         ]
-        conn.send([(h.base_url, h.api_key) for h in handles])
+        conn.send([(h.base_url, h.api_key, h.session_id) for h in handles])
     await server.stop()
 
 
@@ -120,16 +124,18 @@ def tool_output(worker: int, turn: int, rng: random.Random) -> str:
 class Load:
     def __init__(self, conn: Any, base_url: str, turns_per_session: int, seed: int = 0) -> None:
         self.conn, self.base_url, self.turns = conn, base_url, turns_per_session
-        self._pool: list[tuple[str, str]] = []
+        self._pool: list[tuple[str, str, str]] = []
+        self._finished: list[str] = []
         self._lock = asyncio.Lock()
         self._rng = random.Random(seed)
 
-    async def take(self) -> tuple[str, str]:
-        """A fresh session (fetched from the child 64 at a time)."""
+    async def take(self) -> tuple[str, str, str]:
+        """A fresh session (fetched from the child 64 at a time; finished ones are closed then)."""
         async with self._lock:
             if not self._pool:
                 loop = asyncio.get_running_loop()
-                self.conn.send(("open", 64))
+                finished, self._finished = self._finished, []
+                self.conn.send(("open", (64, finished)))
                 self._pool = await loop.run_in_executor(None, self.conn.recv)
             return self._pool.pop()
 
@@ -144,33 +150,42 @@ class Load:
         deadline = time.perf_counter() + duration_s
         rng = self._rng
 
+        async def session(index: int, base_url: str, key: str) -> bool:
+            """One rollout's turns on a session -> whether the deadline passed."""
+            headers = {"Authorization": f"Bearer {key}"}
+            messages: list[dict[str, Any]] = [
+                {"role": "system", "content": "You are a software engineering agent."},
+                {"role": "user", "content": f"Fix the failing test in the repository (worker {index})."},
+            ]
+            for turn in range(self.turns):
+                if time.perf_counter() >= deadline:
+                    return True
+                body = {"model": "swe-policy", "messages": messages, "tools": [BASH_TOOL], "temperature": 0.0}
+                started = time.perf_counter()
+                async with http.post(f"{base_url}/chat/completions", json=body, headers=headers) as response:
+                    answer = await response.json()
+                    if response.status != 200:
+                        raise RuntimeError(f"proxy answered {response.status}: {answer}")
+                latencies.append(time.perf_counter() - started)
+                message = answer["choices"][0]["message"]
+                messages = messages + [message] + [
+                    {"role": "tool", "tool_call_id": c["id"], "content": tool_output(index, turn, rng)}
+                    for c in message["tool_calls"]
+                ]
+                if tool_s:
+                    await asyncio.sleep(rng.uniform(0.5, 1.5) * tool_s)
+            return False
+
         async def worker(index: int) -> None:
             if tool_s:
                 await asyncio.sleep(rng.uniform(0.0, tool_s))
-            while True:
-                base_url, key = await self.take()
-                headers = {"Authorization": f"Bearer {key}"}
-                messages: list[dict[str, Any]] = [
-                    {"role": "system", "content": "You are a software engineering agent."},
-                    {"role": "user", "content": f"Fix the failing test in the repository (worker {index})."},
-                ]
-                for turn in range(self.turns):
-                    if time.perf_counter() >= deadline:
-                        return
-                    body = {"model": "swe-policy", "messages": messages, "tools": [BASH_TOOL], "temperature": 0.0}
-                    started = time.perf_counter()
-                    async with http.post(f"{base_url}/chat/completions", json=body, headers=headers) as response:
-                        answer = await response.json()
-                        if response.status != 200:
-                            raise RuntimeError(f"proxy answered {response.status}: {answer}")
-                    latencies.append(time.perf_counter() - started)
-                    message = answer["choices"][0]["message"]
-                    messages = messages + [message] + [
-                        {"role": "tool", "tool_call_id": c["id"], "content": tool_output(index, turn, rng)}
-                        for c in message["tool_calls"]
-                    ]
-                    if tool_s:
-                        await asyncio.sleep(rng.uniform(0.5, 1.5) * tool_s)
+            done = False
+            while not done:
+                base_url, key, session_id = await self.take()
+                try:
+                    done = await session(index, base_url, key)
+                finally:
+                    self._finished.append(session_id)  # closed at a later take(), as a rollout's end
 
         began = time.perf_counter()
         await asyncio.gather(*[worker(i) for i in range(n)])

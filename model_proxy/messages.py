@@ -127,7 +127,3 @@ def first_difference(recorded: list[tuple[Any, ...]] | list[dict[str, Any]], inc
         if old_key != message_key(incoming[index]):
             return index
     return None
-
-
-def same_history(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
-    return len(a) == len(b) and first_difference(a, b) is None

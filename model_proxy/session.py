@@ -64,7 +64,7 @@ import jinja2
 
 from .backends.base import GenerationBackend, GenerationOutput
 from .errors import ProxyError, context_length_exceeded, history_mismatch, session_not_found
-from .messages import first_difference, message_key, normalize_messages, normalize_tools, same_history, tools_key
+from .messages import first_difference, message_key, normalize_messages, normalize_tools, tools_key
 from .profiling import ProfileWriter
 from .sampling import turn_sampling_params
 from .schemas import ChatCompletionRequest, ChatCompletionResponse
@@ -287,7 +287,10 @@ class ProxySession:
         self._message_keys: list[tuple[Any, ...]] = []  # message_key of each recorded message
         self._tools: list[dict[str, Any]] | None = None
         self._tools_key = ""
-        self._last_request: list[dict[str, Any]] | None = None
+        # Length of the last answered request's history: its message keys are
+        # ``_message_keys[:_last_request_len]`` (keys, not the request's dicts, are kept so
+        # each request's copy of the history does not outlive it and load the cyclic GC).
+        self._last_request_len: int | None = None
         self._last_response: dict[str, Any] | None = None
         self._last_stop_reason: str | None = None
         # Assistant messages a new segment may contain (message_key): every turn this
@@ -413,10 +416,11 @@ class ProxySession:
         messages = normalize_messages(request.messages)
         tools = normalize_tools(request.tools)
         if (
-            self._last_request is not None
+            self._last_request_len is not None
             and self._last_response is not None
+            and len(messages) == self._last_request_len
             and tools_key(tools) == self._tools_key
-            and same_history(messages, self._last_request)
+            and first_difference(self._message_keys[: self._last_request_len], messages) is None
         ):
             # A client retry (timeout, dropped connection) of the request just answered:
             # answer it again instead of sampling a second, unrecorded turn.
@@ -671,7 +675,7 @@ class ProxySession:
             self._message_keys = [message_key(m) for m in self._messages]
         else:
             self._message_keys = self._message_keys + [message_key(m) for m in self._messages[len(self._message_keys):]]
-        self._last_request = request_messages
+        self._last_request_len = len(request_messages)
         self._last_response = response
         self._last_stop_reason = output.stop_reason
         self._turns.append(record)
