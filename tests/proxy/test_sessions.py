@@ -94,7 +94,10 @@ async def test_hf_local_multi_turn_through_litellm(proxy, tokenizer, token_build
     backend = RecordingBackend(hf_backend)
     handle = proxy.open_session(
         make_config(
-            backend, tokenizer, token_builder, sampling_params={"temperature": 1.0, "top_p": 1.0, "top_k": -1, "n": 1}
+            backend, tokenizer, token_builder, sampling_params={"temperature": 1.0, "top_p": 1.0, "top_k": -1, "n": 1},
+            # The backend seeds each call from the request id: a fixed one makes the random
+            # model's turns (and whether each ends before max_tokens) the same on every run.
+            request_id="litellm-multi-turn",
         )
     )
     messages = [{"role": "system", "content": "You are a helpful assistant that can interact with a computer."},
