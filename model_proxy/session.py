@@ -51,7 +51,6 @@ serialized by a lock.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -415,11 +414,12 @@ class ProxySession:
             raise session_not_found()
         messages = normalize_messages(request.messages)
         tools = normalize_tools(request.tools)
+        key = tools_key(tools)
         if (
             self._last_request_len is not None
             and self._last_response is not None
             and len(messages) == self._last_request_len
-            and tools_key(tools) == self._tools_key
+            and key == self._tools_key
             and first_difference(self._message_keys[: self._last_request_len], messages) is None
         ):
             # A client retry (timeout, dropped connection) of the request just answered:
@@ -427,9 +427,9 @@ class ProxySession:
             return ChatOutcome(self._last_response, None)
         self._refuse_if_stopped()
         if self._prompt_len is None:
-            state = await self._initial_state(messages, tools, first=True)
+            state = await self._initial_state(messages, tools, key, first=True)
         else:
-            state = await self._extended_state(messages, tools)
+            state = await self._extended_state(messages, tools, key)
         return await self._generate_turn(request, messages, state, arrived)
 
     def _refuse_if_stopped(self) -> None:
@@ -443,13 +443,13 @@ class ProxySession:
             raise context_length_exceeded("the previous turn reached its token limit without finishing")
 
     async def _initial_state(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, *, first: bool
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, key: str, *, first: bool
     ) -> _State:
         """A new segment's state: ``build_initial_tokens`` of the whole history."""
         builder = self.config.token_builder
         try:
             prompt_ids = await self._run_cpu(
-                lambda: list(builder.build_initial_tokens(messages, tools=tools)), _text_chars(messages, tools)
+                lambda: list(builder.build_initial_tokens(messages, tools=tools)), _text_chars(messages, key)
             )
         except (ValueError, TypeError, KeyError, jinja2.TemplateError) as exc:
             raise ProxyError(
@@ -493,10 +493,12 @@ class ProxySession:
                     param="messages",
                 )
 
-    async def _extended_state(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> _State:
-        if tools_key(tools) != self._tools_key:
+    async def _extended_state(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, key: str
+    ) -> _State:
+        if key != self._tools_key:
             self._rewrite(messages, "the tool definitions changed during the session")
-            return await self._initial_state(messages, tools, first=False)
+            return await self._initial_state(messages, tools, key, first=False)
         diverged = first_difference(self._message_keys, messages)
         if diverged is not None:
             self._rewrite(
@@ -504,7 +506,7 @@ class ProxySession:
                 f"message {diverged} differs from the recorded conversation "
                 f"({len(self._messages)} recorded, {len(messages)} received)",
             )
-            return await self._initial_state(messages, tools, first=False)
+            return await self._initial_state(messages, tools, key, first=False)
         tail = messages[len(self._messages) :]
         if not tail:
             self._error = "history_mismatch"
@@ -514,7 +516,7 @@ class ProxySession:
             # the policy's own samples belong): a history re-inserting assistant turns is a rewrite,
             # and one with assistant text the session never produced is refused (_rewrite).
             self._rewrite(messages, "the new messages contain an assistant message")
-            return await self._initial_state(messages, tools, first=False)
+            return await self._initial_state(messages, tools, key, first=False)
         previous = self._messages
         updated = previous + tail
         builder = self.config.token_builder
@@ -527,7 +529,7 @@ class ProxySession:
             return list(result.token_ids), list(new_mask), list(new_logprobs or [])
 
         try:
-            new_ids, new_mask, new_logprobs = await self._run_cpu(merge, _text_chars(tail, self._tools))
+            new_ids, new_mask, new_logprobs = await self._run_cpu(merge, _text_chars(tail, self._tools_key))
         except ValueError as exc:
             # verl's builder refuses tails it cannot tokenize append-only.
             self._error = "history_mismatch"
@@ -717,11 +719,12 @@ class _State:
     first_request: bool = False
 
 
-def _text_chars(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
-    """Characters a render of ``messages`` with ``tools`` tokenizes, roughly (template text aside)."""
+def _text_chars(messages: list[dict[str, Any]], tools_json: str) -> int:
+    """Characters a render of ``messages`` with the tools of ``tools_json`` (``tools_key``)
+    tokenizes, roughly (template text aside)."""
     size = sum(len(m.get("content") or "") for m in messages)
     size += sum(len(c["function"]["arguments"]) for m in messages for c in m.get("tool_calls") or [])
-    return size + (len(json.dumps(tools)) if tools else 0)
+    return size + len(tools_json)
 
 
 def _aborted_error() -> ProxyError:
