@@ -256,6 +256,7 @@ class ModelProxyServer:
             timeout_keep_alive=60,
             timeout_graceful_shutdown=2,
             backlog=4096,
+            proxy_headers=False,  # loopback only: no reverse proxy whose X-Forwarded-* headers to trust
         )
         server._uvicorn = _UvicornServer(config)
         server._serve_task = asyncio.get_running_loop().create_task(
