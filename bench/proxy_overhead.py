@@ -60,13 +60,13 @@ from model_proxy.render_cache import DEFAULT_MAX_ENTRIES as DEFAULT_RENDER_CACHE
 # -- child process: the proxy ----------------------------------------------------------------
 
 
-def _serve(model_dir: str, conn: Any, render_cache_entries: int) -> None:
+def _serve(model_dir: str, conn: Any, render_cache_entries: int, freeze_gc: bool) -> None:
     """Child: start the proxy; ("open", (n, finished ids)) closes the finished sessions (as the agent
     loop does when a rollout ends) and answers n new [(base_url, key, session id)]; "stop" stops."""
-    asyncio.run(_serve_async(model_dir, conn, render_cache_entries))
+    asyncio.run(_serve_async(model_dir, conn, render_cache_entries, freeze_gc))
 
 
-async def _serve_async(model_dir: str, conn: Any, render_cache_entries: int) -> None:
+async def _serve_async(model_dir: str, conn: Any, render_cache_entries: int, freeze_gc: bool) -> None:
     from transformers import AutoTokenizer
     from verl.utils.tokenizer.continuous_token_wiring import create_continuous_token_builder
 
@@ -84,7 +84,7 @@ async def _serve_async(model_dir: str, conn: Any, render_cache_entries: int) -> 
             return GenerationOutput(list(ids), [0.0] * len(ids), "stop")
 
     backend = InstantBackend()
-    server = await ModelProxyServer.start(render_cache_entries=render_cache_entries)
+    server = await ModelProxyServer.start(render_cache_entries=render_cache_entries, freeze_gc=freeze_gc)
     loop = asyncio.get_running_loop()
     conn.send(server.base_url)
     while True:
@@ -298,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns-per-session", type=int, default=10, help="turns before a worker takes a new session")
     parser.add_argument("--render-cache-entries", type=int, default=DEFAULT_RENDER_CACHE_ENTRIES,
                         help="the proxy's render cache size for the main measurements (0 = off)")
+    parser.add_argument("--freeze-gc", action=argparse.BooleanOptionalAction, default=True,
+                        help="start the proxies with freeze_gc (as the recipe's swe_agent.proxy.freeze_gc default)")
     parser.add_argument("--ab-rounds", type=int, default=3, help="alternating rounds of the render-cache A/B")
     parser.add_argument("--ab-duration-s", type=float, default=3.0, help="seconds per A/B round and mode")
     args = parser.parse_args(argv)
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         children = []
         for entries in (args.render_cache_entries, 0):
             parent, child = ctx.Pipe()
-            process = ctx.Process(target=_serve, args=(model_dir, child, entries), daemon=True)
+            process = ctx.Process(target=_serve, args=(model_dir, child, entries, args.freeze_gc), daemon=True)
             process.start()
             children.append((parent, process))
         try:
@@ -325,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                     process.kill()
     print()
     print(f"ModelProxy overhead, instant backend, tool phase {args.tool_s}s when paced, "
-          f"{args.duration_s}s per measurement (latency in ms, client-side)")
+          f"{args.duration_s}s per measurement (latency in ms, client-side), freeze_gc={args.freeze_gc}")
     header = (f"{'sessions':>8} | {'sat req/s':>9} {'sat p50':>8} {'sat p99':>8} | {'paced req/s':>11} "
               f"{'p50':>7} {'p99':>7} {'server mean':>11} | {'/health p50':>11} {'p99':>7} | "
               f"{'CPU ms/req':>10} {'1-core req/s':>12}")

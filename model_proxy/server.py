@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import gc
 import json
 import logging
 import secrets
@@ -205,6 +206,7 @@ class ModelProxyServer:
         port_fallback_tries: int = DEFAULT_PORT_FALLBACK_TRIES,
         render_cache_entries: int = DEFAULT_RENDER_CACHE_ENTRIES,
         inline_tokenize_max_chars: int = DEFAULT_INLINE_TOKENIZE_MAX_CHARS,
+        freeze_gc: bool = False,
     ) -> ModelProxyServer:
         """Bind ``host:port`` and serve on the running loop.
 
@@ -223,6 +225,14 @@ class ModelProxyServer:
                 tool schemas) is at most this many characters is tokenized on the event
                 loop (well under a millisecond) instead of in the executor; 0 = always the
                 executor.
+            freeze_gc: before serving, import the tool parsers, run a full collection
+                and ``gc.freeze()`` the process's heap. Why: a full cyclic-GC pass over
+                a worker's ~500K import-time objects (torch, transformers, verl) stalls
+                the event loop ~0.3 s, long enough to set the proxy's p99 latency
+                (``bench/proxy_overhead.py``); frozen objects are skipped by later
+                passes. Process-wide and one-way (objects alive now are never
+                collected as cycles later), so only for a process that exists to serve
+                rollouts (the recipe's agent-loop workers: ``swe_agent.proxy.freeze_gc``).
 
         Returns:
             A started server; ``server.port`` is the real port.
@@ -234,6 +244,8 @@ class ModelProxyServer:
         """
         if host not in _LOOPBACK_HOSTS:
             raise ValueError(f"The model proxy listens on loopback only, got host={host!r}")
+        if freeze_gc:
+            _freeze_gc()
         bind_host = "127.0.0.1" if host == "localhost" else host
         # Binding here (not in uvicorn) gives the real port and turns a bind failure into
         # an OSError instead of uvicorn's sys.exit inside a task.
@@ -535,6 +547,20 @@ class ModelProxyServer:
                     "stream": stream,
                 }
             )
+
+
+def _freeze_gc() -> None:
+    """Move everything alive now out of the cyclic GC's reach (see ``start(freeze_gc=...)``).
+
+    Once per process: a later server finds the heap frozen and skips the full collection.
+    """
+    if gc.get_freeze_count() > 0:
+        return
+    import verl.experimental.agent_loop.tool_parser  # noqa: F401  (TurnParser's import, done before the freeze)
+
+    gc.collect()
+    gc.freeze()
+    logger.info("model proxy: froze %d objects out of the cyclic GC", gc.get_freeze_count())
 
 
 def _model_card(name: str) -> dict[str, Any]:

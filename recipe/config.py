@@ -102,6 +102,9 @@ class ProxySettings:
     on_history_rewrite: str = "new_segment"
     # Per-call profiling log (JSONL) directory for `python -m model_proxy.analyze`; null = off.
     profile_log_dir: str | None = None
+    # gc.freeze() the worker's import-time heap when the proxy starts: full cyclic-GC passes
+    # over it stall every session ~0.3 s (ModelProxyServer.start, bench/proxy_overhead.py).
+    freeze_gc: bool = True
 
 
 @dataclass

@@ -250,7 +250,9 @@ class SWEAgentLoop(AgentLoopBase):
         info.instance_id = task.instance_id
 
         sandbox: LocalSandbox | None = None
-        proxy = await ModelProxyServer.shared(host=self.swe_config.proxy.host, port=self.swe_config.proxy.port)
+        proxy = await ModelProxyServer.shared(
+            host=self.swe_config.proxy.host, port=self.swe_config.proxy.port, freeze_gc=self.swe_config.proxy.freeze_gc
+        )
         session_id: str | None = None
         session: SessionResult | None = None
         agent: AgentRun | None = None

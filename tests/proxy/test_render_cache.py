@@ -154,3 +154,19 @@ async def test_servers_with_and_without_the_cache_record_the_same_tokens(tokeniz
     off = await _session_state(tokenizer, token_builder, entries=0, inline_chars=0)  # all in the executor
     assert on == off
     assert sum(on[2]) > 0 and 0 in on[2]  # sampled and context tokens both present
+
+
+async def test_freeze_gc_moves_the_heap_out_of_the_collector():
+    """``freeze_gc`` (on in the recipe) leaves the import-time heap out of later full GC passes."""
+    import gc
+
+    gc.unfreeze()  # another test (a recipe loop) may have frozen this process already
+    assert gc.get_freeze_count() == 0
+    server = await ModelProxyServer.start(freeze_gc=True)
+    try:
+        assert gc.get_freeze_count() > 10_000  # torch, transformers, verl, the tokenizer...
+        assert "verl.experimental.agent_loop.tool_parser" in __import__("sys").modules
+    finally:
+        await server.stop()
+    plain = await ModelProxyServer.start()  # the default leaves the collector alone
+    await plain.stop()
