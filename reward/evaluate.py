@@ -38,7 +38,7 @@ import asyncio
 import json
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +115,20 @@ def _records(path: Path) -> list[tuple[int, Any]]:
     return out
 
 
+def _validated(path: Path, model: type, error_class: str, errors: list) -> Iterator[tuple[int, Any]]:
+    """``(line or item number, model instance)`` per valid record of ``path``; each invalid one is
+    appended to ``errors`` as an ``InputError(error_class, ...)`` naming the file and line."""
+    for lineno, record in _records(path):
+        try:
+            if isinstance(record, Exception):
+                raise record
+            item = model.model_validate(record)
+        except (ValueError, ValidationError) as exc:
+            errors.append(InputError(error_class, lineno, f"{path}:{lineno}: {exc}"))
+            continue
+        yield lineno, item
+
+
 def read_inputs(instances_path: Path, predictions_path: Path) -> Inputs:
     """Parse both files, recording every bad record as an ``InputError`` (see the module docstring).
 
@@ -122,24 +136,10 @@ def read_inputs(instances_path: Path, predictions_path: Path) -> Inputs:
         OSError: a file cannot be read.
     """
     inputs = Inputs()
-    for lineno, record in _records(instances_path):
-        try:
-            if isinstance(record, Exception):
-                raise record
-            task = SWETask.model_validate(record)
-        except (ValueError, ValidationError) as exc:
-            inputs.errors.append(InputError("malformed_instance", lineno, f"{instances_path}:{lineno}: {exc}"))
-            continue
+    for _, task in _validated(instances_path, SWETask, "malformed_instance", inputs.errors):
         inputs.tasks.setdefault(task.instance_id, task)
     seen: dict[str, int] = {}
-    for lineno, record in _records(predictions_path):
-        try:
-            if isinstance(record, Exception):
-                raise record
-            prediction = Prediction.model_validate(record)
-        except (ValueError, ValidationError) as exc:
-            inputs.errors.append(InputError("malformed_prediction", lineno, f"{predictions_path}:{lineno}: {exc}"))
-            continue
+    for lineno, prediction in _validated(predictions_path, Prediction, "malformed_prediction", inputs.errors):
         iid = prediction.instance_id
         if iid not in inputs.tasks:
             inputs.errors.append(InputError("unknown_instance", lineno, f"no instance {iid!r} in {instances_path}", iid))

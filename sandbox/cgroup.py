@@ -67,6 +67,14 @@ class CgroupFS:
         return path.exists()
 
 
+def _checked_write(fs: CgroupFS, path: Path, value: str) -> None:
+    """``fs.write`` with the kernel's refusal turned into a CgroupError naming file and value."""
+    try:
+        fs.write(path, value)
+    except OSError as exc:
+        raise CgroupError(f"write {value!r} to {path}: {exc}") from exc
+
+
 @dataclass
 class MemoryLimits:
     """Memory settings of one group, bytes; None = leave unchanged, -1 = ``max`` (no limit)."""
@@ -274,10 +282,7 @@ class CgroupV2Controller:
             return []
 
     def _write(self, path: Path, value: str) -> None:
-        try:
-            self.fs.write(path, value)
-        except OSError as exc:
-            raise CgroupError(f"write {value!r} to {path}: {exc}") from exc
+        _checked_write(self.fs, path, value)
 
     def _read_int(self, path: Path) -> int | None:
         try:
@@ -420,10 +425,7 @@ class CgroupV1Controller:
             return []
 
     def _write(self, path: Path, value: str) -> None:
-        try:
-            self.fs.write(path, value)
-        except OSError as exc:
-            raise CgroupError(f"write {value!r} to {path}: {exc}") from exc
+        _checked_write(self.fs, path, value)
 
 
 class NoopController:
