@@ -355,13 +355,17 @@ class RolloutLease:
                 return
             self._granted(amount, why)
 
-    def _granted(self, amount: int, why: str) -> None:
+    def _stop_queue_clock(self) -> None:
+        """Charge the time since the request was queued to the rollout and its current tool call."""
         if self._queued_since is not None:
             waited = time.monotonic() - self._queued_since
             self.summary.queued_s += waited
             if self.summary.tool_calls:
                 self.summary.tool_calls[-1].queued_s += waited
             self._queued_since = None
+
+    def _granted(self, amount: int, why: str) -> None:
+        self._stop_queue_clock()
         self.grant += amount
         if self.summary.tool_calls:
             self.summary.tool_calls[-1].grant_bytes = self.grant
@@ -371,12 +375,7 @@ class RolloutLease:
         if self._waiter is not None:
             self.shim.pool.cancel(self._waiter)
             self._waiter = None
-        if self._queued_since is not None:
-            waited = time.monotonic() - self._queued_since
-            self.summary.queued_s += waited
-            if self.summary.tool_calls:
-                self.summary.tool_calls[-1].queued_s += waited
-            self._queued_since = None
+        self._stop_queue_clock()
         self._idle_since = None
         usage = self._usage()
         if self.summary.tool_calls:

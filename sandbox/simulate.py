@@ -392,21 +392,23 @@ def replay_ours(
     provisioned = 0.0
     used = 0.0
 
-    def request(i: int, amount: float, why: str) -> None:
+    def give(i: int, amount: float, why: str) -> None:
         nonlocal used
+        used += amount
+        if why == "admit":
+            admitted[i] = True
+            reservation[i] = amount
+        else:
+            grant[i] += amount
+
+    def request(i: int, amount: float, why: str) -> None:
         if not queue and used + amount <= pool:
-            used += amount
-            if why == "admit":
-                admitted[i] = True
-                reservation[i] = amount
-            else:
-                grant[i] += amount
+            give(i, amount, why)
         else:
             waiting[i] = True
             queue.append((i, amount, why))
 
     def serve() -> None:
-        nonlocal used
         while queue:
             i, amount, why = queue[0]
             if not waiting[i]:
@@ -416,12 +418,7 @@ def replay_ours(
                 break
             queue.popleft()
             waiting[i] = False
-            used += amount
-            if why == "admit":
-                admitted[i] = True
-                reservation[i] = amount
-            else:
-                grant[i] += amount
+            give(i, amount, why)
 
     def started_mask(step: int) -> np.ndarray:
         return offs <= step
