@@ -1,21 +1,25 @@
-"""A text-keyed token cache under verl's Continuous Token builder.
+"""A piece-keyed token cache under verl's Continuous Token builder.
 
 Why: to tokenize an appended tool result, verl's builder renders the chat template
 twice, a synthetic prefix (``[system, user, assistant-with-the-tool-calls]`` plus the
 tool schemas) and the same prefix followed by the new messages, and keeps the
-token-level difference (``ContinuousTokenBuilder.render_delta_token_id``). The prefix
-render tokenizes the whole tool-schema system prompt on every request, although its
+token-level difference (``ContinuousTokenBuilder.render_delta_token_id``). Both
+renders tokenize the whole tool-schema system prompt on every request, although its
 text rarely changes: Qwen-style templates do not render tool-call ids, so for a given
-tool list the prefix text is the same on every turn of every session. Tokenizing it
-was about half of the proxy's CPU time per request (``bench/proxy_overhead.py``).
+tool list the prefix text is the same on every turn of every session. Tokenizing
+the prefix, and then the prefix again inside the full render, was most of the
+proxy's CPU time per request (``bench/proxy_overhead.py``).
 
 How: the builder's single rendering hook, ``_render_tokens``, is replaced in a
 subclass by (1) the same chat-template call with ``tokenize=False`` and (2) the
-tokenizer's encoding of that text with ``add_special_tokens=False``
-(``encode_text``), memoised by text. That pair is exactly what ``tokenize=True`` does in transformers 5
+tokenizer's encoding of that text with ``add_special_tokens=False``. That pair is
+exactly what ``tokenize=True`` does in transformers 5
 (``PreTrainedTokenizerBase.apply_chat_template`` renders, then calls
 ``self(rendered, add_special_tokens=False)``), so the ids are the same by
-construction; equal text always encodes to equal ids, so a cache hit is exact too.
+construction. The encoding is memoised per piece between special tokens
+(``TextTokenCache``): Hugging Face tokenizers encode those pieces independently
+(``special_token_splitter``), and equal text always encodes to equal ids, so a
+cached piece is exact too, and a render costs the encoding of its new pieces only.
 Nothing else in the builder changes: the append-only checks, the suffix diff and the
 model-specific boundary handling stay verl's.
 
@@ -28,8 +32,10 @@ builders are returned unchanged (their renders carry images, not only text).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 from verl.utils.tokenizer.chat_template import apply_chat_template
@@ -66,15 +72,27 @@ _PROBE_MESSAGES: list[dict[str, Any]] = [
 
 
 class TextTokenCache:
-    """A bounded, thread-safe LRU map from rendered text to token ids.
+    """A bounded, thread-safe LRU cache of token ids for one tokenizer, by text piece.
+
+    ``ids(tokenizer, text)`` cuts ``text`` at the special tokens the tokenizer always
+    splits on (``special_token_splitter``: ``<|im_start|>``, ``<|im_end|>``...), looks
+    each piece between them up, and encodes only the pieces it has not seen. A chat
+    render is mostly pieces seen before (the tool-schema system prompt, role headers,
+    earlier turns); only the newly appended message is new text. Without a splitter
+    (a slow tokenizer, truncation set, a tokenizer whose pieces do not encode
+    independently) the whole text is one piece.
 
     Args:
-        max_entries: entries kept (least recently used evicted first).
-        max_text_chars: texts longer than this are encoded but not stored (a
-            segment's first prompt is long and never rendered again).
+        max_entries: pieces kept (least recently used evicted first).
+        max_text_chars: pieces longer than this are encoded but not stored (a
+            segment's first prompt can be long and is never rendered again).
 
     Attributes:
-        hits, misses: lookups answered from the cache / encoded.
+        hits, misses: piece lookups answered from the cache / encoded.
+
+    Raises:
+        ValueError: ``max_entries < 1``; ``ids`` called with a second tokenizer (ids
+            depend on the tokenizer, and the cache is keyed by text only).
     """
 
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> None:
@@ -84,41 +102,144 @@ class TextTokenCache:
         self.max_text_chars = max_text_chars
         self._entries: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._lock = threading.Lock()
+        self._tokenizer: Any = None
+        self._splitter: SpecialTokenSplitter | None = None
         self.hits = 0
         self.misses = 0
 
     def ids(self, tokenizer: Any, text: str) -> list[int]:
-        """Token ids of ``text`` encoded without added special tokens (a new list each call)."""
+        """Token ids of ``text`` encoded without added special tokens (a new list each call);
+        equal to ``tokenizer(text, add_special_tokens=False)["input_ids"]``."""
+        splitter = self._bind(tokenizer)
+        if splitter is None:
+            return list(self._piece_ids(tokenizer, text))
+        out: list[int] = []
+        start = 0
+        for match in splitter.pattern.finditer(text):
+            if match.start() > start:
+                out.extend(self._piece_ids(tokenizer, text[start : match.start()]))
+            out.append(splitter.token_ids[match.group()])
+            start = match.end()
+        if start < len(text):
+            out.extend(self._piece_ids(tokenizer, text[start:]))
+        return out
+
+    def _bind(self, tokenizer: Any) -> SpecialTokenSplitter | None:
         with self._lock:
-            cached = self._entries.get(text)
+            if self._tokenizer is None:
+                self._tokenizer = tokenizer
+                self._splitter = special_token_splitter(tokenizer)
+            elif self._tokenizer is not tokenizer:
+                raise ValueError("a TextTokenCache serves one tokenizer; make one cache per tokenizer")
+            return self._splitter
+
+    def _piece_ids(self, tokenizer: Any, piece: str) -> tuple[int, ...]:
+        with self._lock:
+            cached = self._entries.get(piece)
             if cached is not None:
-                self._entries.move_to_end(text)
+                self._entries.move_to_end(piece)
                 self.hits += 1
-                return list(cached)
+                return cached
             self.misses += 1
-        ids = tuple(encode_text(tokenizer, text))
-        if len(text) <= self.max_text_chars:
+        ids = tuple(encode_text(tokenizer, piece))
+        if len(piece) <= self.max_text_chars:
             with self._lock:
-                self._entries[text] = ids
-                self._entries.move_to_end(text)
+                self._entries[piece] = ids
+                self._entries.move_to_end(piece)
                 while len(self._entries) > self.max_entries:
                     self._entries.popitem(last=False)
-        return list(ids)
+        return ids
 
     def __len__(self) -> int:
         return len(self._entries)
 
 
-def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """``tokenizer(text, add_special_tokens=False)["input_ids"]``, without its Python overhead.
+@dataclass(frozen=True)
+class SpecialTokenSplitter:
+    """Where a tokenizer's encoding of a text falls apart into independent pieces.
 
-    For a fast tokenizer whose Rust backend is in the state ``__call__`` would put it
-    in (no truncation, no padding, the same special-token splitting), the backend's
-    single-sequence ``encode`` gives the same ids (``__call__`` runs ``encode_batch``
-    on a batch of one); anything else goes through ``__call__``. Not a batch call:
-    with ``TOKENIZERS_PARALLELISM`` on, a batch of one still wakes the Rayon thread
-    pool, which cost more CPU than the encoding in ``bench/proxy_overhead.py``.
+    Attributes:
+        pattern: matches the split tokens' texts (longest first).
+        token_ids: split token text -> its id.
     """
+
+    pattern: re.Pattern[str]
+    token_ids: dict[str, int]
+
+
+def special_token_splitter(tokenizer: Any) -> SpecialTokenSplitter | None:
+    """The added tokens at which ``encode(a + token + b) == encode(a) + [id] + encode(b)``.
+
+    Hugging Face ``tokenizers`` cuts the input at added tokens before anything else
+    (``AddedVocabulary::extract_and_normalize``), then normalizes, pre-tokenizes and
+    runs the model on each piece separately, so pieces between such tokens encode
+    independently. A token qualifies when its match cannot depend on its context: it
+    is matched on raw text (``normalized=False``), takes no neighbouring whitespace
+    (``lstrip``/``rstrip`` off), needs no word boundary (``single_word`` off), and no
+    other raw-text added token can overlap or contain it. When some token needs word
+    boundaries, a split token must begin and end with a non-word character.
+
+    Even then, a pre-tokenizer may treat a sequence's first piece specially (e.g.
+    ``Metaspace(prepend_scheme="first")``): a probe text is encoded both ways and the
+    splitter is only returned when they agree.
+
+    Returns:
+        The splitter, or None: no fast tokenizer in the state ``encode_text`` can use,
+        no qualifying token, or the probe disagrees.
+    """
+    backend = _fast_backend(tokenizer)
+    if backend is None or not hasattr(backend, "get_added_tokens_decoder"):
+        return None
+    added = list(backend.get_added_tokens_decoder().items())
+    raw = [token.content for _, token in added if not token.normalized and token.content]
+    needs_boundaries = any(token.single_word for _, token in added)
+    token_ids: dict[str, int] = {}
+    for token_id, token in added:
+        content = token.content
+        if not content or token.normalized or token.lstrip or token.rstrip or token.single_word:
+            continue
+        if needs_boundaries and (_is_word_char(content[0]) or _is_word_char(content[-1])):
+            continue
+        if any(_overlaps(content, other, same=other == content) for other in raw):
+            continue
+        token_ids[content] = token_id
+    if not token_ids:
+        return None
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(token_ids, key=len, reverse=True)))
+    splitter = SpecialTokenSplitter(pattern=pattern, token_ids=token_ids)
+    probe = "".join(f" x{t}\n\n  ü {t}{t}y \t{t}" for t in token_ids) + " ünï 😀\n"
+    piecewise: list[int] = []
+    start = 0
+    for match in pattern.finditer(probe):
+        piecewise += encode_text(tokenizer, probe[start : match.start()]) if match.start() > start else []
+        piecewise.append(token_ids[match.group()])
+        start = match.end()
+    piecewise += encode_text(tokenizer, probe[start:])
+    if piecewise != encode_text(tokenizer, probe):
+        logger.info("model proxy: %s does not encode independently across special tokens; "
+                    "caching whole renders only", type(tokenizer).__name__)
+        return None
+    return splitter
+
+
+def _is_word_char(char: str) -> bool:
+    return char.isalnum() or char == "_"
+
+
+def _overlaps(token: str, other: str, *, same: bool) -> bool:
+    """Whether ``other`` can match across, inside or around an occurrence of ``token``
+    (for ``same``: whether ``token`` can overlap itself)."""
+    if not same and (token in other or other in token):
+        return True
+    for k in range(1, min(len(token), len(other))):
+        if token[:k] == other[-k:] or token[-k:] == other[:k]:
+            return True
+    return False
+
+
+def _fast_backend(tokenizer: Any) -> Any:
+    """The Rust backend when encoding with it equals ``tokenizer(text, add_special_tokens=False)``
+    (no truncation, no padding, the same special-token splitting), else None."""
     backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
     if (
         backend is not None
@@ -126,6 +247,20 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
         and backend.padding is None
         and bool(backend.encode_special_tokens) == bool(getattr(tokenizer, "split_special_tokens", False))
     ):
+        return backend
+    return None
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """``tokenizer(text, add_special_tokens=False)["input_ids"]``, without its Python overhead.
+
+    For a fast tokenizer whose Rust backend is in the state ``__call__`` would put it
+    in (``_fast_backend``), the backend encodes directly (``encode_batch_fast`` on a
+    batch of one, as ``__call__`` does, minus offset tracking); anything else goes
+    through ``__call__``.
+    """
+    backend = _fast_backend(tokenizer)
+    if backend is not None:
         if hasattr(backend, "encode_batch_fast"):  # tokenizers >= 0.20: no offset tracking
             return list(backend.encode_batch_fast([text], add_special_tokens=False)[0].ids)
         return list(backend.encode(text, add_special_tokens=False).ids)

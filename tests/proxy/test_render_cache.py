@@ -2,9 +2,12 @@
 
 Over random conversations (hypothesis) the cached builder's initial prompts and
 appended-context merges equal those of verl's own builder for the same tokenizer, a
-second tool result is answered partly from the cache, ``encode_text`` equals the
-tokenizer's own encoding, a builder whose rendering the cache would change is left
-uncached, and two real servers (cache on / off) give a session the same token state.
+second tool result is answered partly from the cache, ``encode_text`` and the
+piecewise cache equal the tokenizer's own encoding over random text full of special
+tokens, tokens whose match depends on context are never split at, a tokenizer whose
+pieces do not encode independently is cached whole, a builder whose rendering the
+cache would change is left uncached, and two real servers (cache on / off) give a
+session the same token state.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model_proxy.render_cache import TextTokenCache, encode_text, with_render_cache
+from model_proxy.render_cache import TextTokenCache, encode_text, special_token_splitter, with_render_cache
 from model_proxy.server import ModelProxyServer
 
 from model_proxy.tool_format import hermes_tool_call_text
@@ -77,6 +80,71 @@ def test_repeated_tool_results_hit_the_cache(token_builder):
        | st.sampled_from(["<|im_start|>user\nhi<|im_end|>\n", "<tool_call>\n{}\n</tool_call><|im_end|>", "  \n\n\t x"]))
 def test_encode_text_equals_the_tokenizer(tokenizer, text):
     assert encode_text(tokenizer, text) == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+PIECE = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30) | st.sampled_from(
+    ["", "\n", " ", "  \n\t", "user\n", "assistant\n", "<|im", "_end|>", "tool_call", "ü", "😀"])
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(parts=st.lists(st.tuples(PIECE, st.sampled_from(SPECIALS)), max_size=6), tail=PIECE)
+def test_piecewise_cache_equals_the_tokenizer(tokenizer, parts, tail):
+    text = "".join(piece + special for piece, special in parts) + tail
+    cache = TextTokenCache(max_entries=4)
+    want = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert cache.ids(tokenizer, text) == want
+    assert cache.ids(tokenizer, text) == want  # now (partly) from the cache
+
+
+def _word_level_tokenizer(pre_tokenizer, added):
+    """A small real fast tokenizer (Rust ``tokenizers`` + transformers wrapper)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["x", "y", "ü", "\t", "\n"]
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words + ["\u2581" + w for w in words] + ["\u2581"])}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizer
+    backend.add_tokens(added)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def test_tokens_whose_match_depends_on_context_are_not_split_at():
+    from tokenizers import AddedToken, pre_tokenizers
+
+    tok = _word_level_tokenizer(pre_tokenizers.WhitespaceSplit(), [
+        AddedToken("<s>", special=True, normalized=False),
+        AddedToken("<l>", special=True, normalized=False, lstrip=True),  # takes the whitespace before it
+        AddedToken("<o>", special=True, normalized=False),
+        AddedToken("o>x", special=False, normalized=False),  # overlaps "<o>" in "<o>x"
+    ])
+    splitter = special_token_splitter(tok)
+    assert splitter is not None and "<s>" in splitter.token_ids
+    assert not {"<l>", "<o>", "o>x"} & set(splitter.token_ids)
+    for text in ["x <l>y", "x<o>x y", "<s> x <l> <o>x<s>"]:
+        assert TextTokenCache().ids(tok, text) == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_tokenizer_whose_pieces_do_not_encode_independently_is_cached_whole():
+    from tokenizers import AddedToken, pre_tokenizers
+
+    # Metaspace(prepend_scheme="first") adds "\u2581" to the first piece only: "y" after <s>
+    # is "y" in the whole text but would be "\u2581y" encoded alone.
+    tok = _word_level_tokenizer(pre_tokenizers.Metaspace(prepend_scheme="first"),
+                                [AddedToken("<s>", special=True, normalized=False)])
+    assert special_token_splitter(tok) is None
+    cache = TextTokenCache()
+    assert cache.ids(tok, "x<s>y x") == tok("x<s>y x", add_special_tokens=False)["input_ids"]
+
+
+def test_a_cache_serves_one_tokenizer(tokenizer):
+    from tokenizers import pre_tokenizers
+
+    cache = TextTokenCache()
+    cache.ids(tokenizer, "hello")
+    with pytest.raises(ValueError, match="one tokenizer"):
+        cache.ids(_word_level_tokenizer(pre_tokenizers.WhitespaceSplit(), []), "hello")
 
 
 def test_builder_whose_rendering_would_change_stays_uncached(tokenizer, token_builder):
