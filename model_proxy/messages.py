@@ -20,6 +20,7 @@ User, system and tool messages must match exactly: their text becomes tokens.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -91,7 +92,10 @@ def tools_key(tools: list[dict[str, Any]] | None) -> str:
     return json.dumps(tools or [], sort_keys=True, ensure_ascii=False)
 
 
-def _canonical_arguments(arguments: str) -> Any:
+@functools.lru_cache(maxsize=4096)
+def _canonical_arguments(arguments: str) -> str:
+    # Cached: every request echoes the whole history, so the same argument texts come
+    # back on every turn of a session.
     try:
         return json.dumps(json.loads(arguments), sort_keys=True, ensure_ascii=False)
     except (TypeError, ValueError):

@@ -54,7 +54,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -274,9 +274,12 @@ class ProxySession:
         self._parser = TurnParser(config.tokenizer, config.tool_parser)
         # Token state of the current segment; None until its first request is tokenized.
         self._prompt_len: int | None = None
-        self._runtime_ids: list[int] = []  # prompt_ids + response_ids
-        self._mask: list[int] = []
-        self._logprobs: list[float] = []
+        # Tuples, not lists: the cyclic GC untracks a tuple of numbers the first time it
+        # sees it, while a list of a session's ~10^4 ids would be traversed by every
+        # collection, stalling every session (``bench/proxy_overhead.py``).
+        self._runtime_ids: tuple[int, ...] = ()  # prompt_ids + response_ids
+        self._mask: tuple[int, ...] = ()
+        self._logprobs: tuple[float, ...] = ()
         self._logprobs_complete = True
         self._segment_first_turn = 0
         self._segment_turns = 0  # committed turns of the current segment
@@ -526,7 +529,7 @@ class ProxySession:
         def merge() -> tuple[list[int], list[int], list[float]]:
             result = builder.merge_context_tokens(previous, updated, runtime_ids, tools=self._tools)
             new_mask, new_logprobs = builder.align_response_metadata(result, mask, logprobs)
-            return list(result.token_ids), list(new_mask), list(new_logprobs or [])
+            return result.token_ids, new_mask, new_logprobs or []
 
         try:
             new_ids, new_mask, new_logprobs = await self._run_cpu(merge, _text_chars(tail, self._tools_key))
@@ -622,12 +625,12 @@ class ProxySession:
         logprobs_given = output.logprobs is not None
         assistant_logprobs = list(output.logprobs) if logprobs_given else [0.0] * len(output.token_ids)
 
-        def merge() -> tuple[list[int], list[int], list[float]]:
+        def merge() -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...]]:
             result = builder.merge_assistant_tokens(state.runtime_ids, output.token_ids)
             new_mask, new_logprobs = builder.align_response_metadata(
                 result, state.mask, state.logprobs, assistant_logprobs=assistant_logprobs
             )
-            return list(result.token_ids), list(new_mask), list(new_logprobs or [])
+            return tuple(result.token_ids), tuple(new_mask), tuple(new_logprobs or ())
 
         # Inline, not in the executor: list concatenation, microseconds even for long streams,
         # cheaper than a thread hop.
@@ -708,9 +711,9 @@ class ProxySession:
 class _State:
     """A candidate token state for the next turn (committed only if the turn succeeds)."""
 
-    runtime_ids: list[int]
-    mask: list[int]
-    logprobs: list[float]
+    runtime_ids: Sequence[int]
+    mask: Sequence[int]
+    logprobs: Sequence[float]
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None
     context_tokens: int
