@@ -54,12 +54,14 @@ import asyncio
 import logging
 import time
 import uuid
+from array import array
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import jinja2
+from verl.utils.tokenizer.continuous_token import ContinuousTokenBuilder
 
 from .backends.base import GenerationBackend, GenerationOutput
 from .errors import ProxyError, context_length_exceeded, history_mismatch, session_not_found
@@ -274,12 +276,13 @@ class ProxySession:
         self._parser = TurnParser(config.tokenizer, config.tool_parser)
         # Token state of the current segment; None until its first request is tokenized.
         self._prompt_len: int | None = None
-        # Tuples, not lists: the cyclic GC untracks a tuple of numbers the first time it
-        # sees it, while a list of a session's ~10^4 ids would be traversed by every
-        # collection, stalling every session (``bench/proxy_overhead.py``).
+        # No lists: the cyclic GC would traverse a session's ~10^4 ids at every collection,
+        # stalling every session (``bench/proxy_overhead.py``). Ids are a tuple (verl's
+        # builder takes sequences; the GC untracks a tuple of ints after one pass); mask
+        # and logprobs are typed arrays, which the GC never sees (``_aligned``).
         self._runtime_ids: tuple[int, ...] = ()  # prompt_ids + response_ids
-        self._mask: tuple[int, ...] = ()
-        self._logprobs: tuple[float, ...] = ()
+        self._mask = array("b")
+        self._logprobs = array("d")
         self._logprobs_complete = True
         self._segment_first_turn = 0
         self._segment_turns = 0  # committed turns of the current segment
@@ -464,8 +467,8 @@ class ProxySession:
             raise context_length_exceeded(f"the prompt has {len(prompt_ids)} tokens, more than the {limit}-token limit")
         return _State(
             runtime_ids=prompt_ids,
-            mask=[],
-            logprobs=[],
+            mask=array("b"),
+            logprobs=array("d"),
             messages=messages,
             tools=tools,
             context_tokens=0,
@@ -526,10 +529,9 @@ class ProxySession:
         runtime_ids, mask = self._runtime_ids, self._mask
         logprobs = self._logprobs
 
-        def merge() -> tuple[list[int], list[int], list[float]]:
+        def merge() -> tuple[list[int], array, array]:
             result = builder.merge_context_tokens(previous, updated, runtime_ids, tools=self._tools)
-            new_mask, new_logprobs = builder.align_response_metadata(result, mask, logprobs)
-            return result.token_ids, new_mask, new_logprobs or []
+            return (result.token_ids, *_aligned(builder, result, mask, logprobs))
 
         try:
             new_ids, new_mask, new_logprobs = await self._run_cpu(merge, _text_chars(tail, self._tools_key))
@@ -625,12 +627,12 @@ class ProxySession:
         logprobs_given = output.logprobs is not None
         assistant_logprobs = list(output.logprobs) if logprobs_given else [0.0] * len(output.token_ids)
 
-        def merge() -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...]]:
+        def merge() -> tuple[tuple[int, ...], array, array]:
             result = builder.merge_assistant_tokens(state.runtime_ids, output.token_ids)
-            new_mask, new_logprobs = builder.align_response_metadata(
-                result, state.mask, state.logprobs, assistant_logprobs=assistant_logprobs
+            new_mask, new_logprobs = _aligned(
+                builder, result, state.mask, state.logprobs, assistant_logprobs=assistant_logprobs
             )
-            return tuple(result.token_ids), tuple(new_mask), tuple(new_logprobs or ())
+            return tuple(result.token_ids), new_mask, new_logprobs
 
         # Inline, not in the executor: list concatenation, microseconds even for long streams,
         # cheaper than a thread hop.
@@ -712,14 +714,39 @@ class _State:
     """A candidate token state for the next turn (committed only if the turn succeeds)."""
 
     runtime_ids: Sequence[int]
-    mask: Sequence[int]
-    logprobs: Sequence[float]
+    mask: array  # array("b")
+    logprobs: array  # array("d")
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None
     context_tokens: int
     prompt_len: int
     new_segment: bool = False
     first_request: bool = False
+
+
+def _aligned(
+    builder: Any, result: Any, mask: array, logprobs: array, *, assistant_logprobs: list[float] | None = None
+) -> tuple[array, array]:
+    """verl's ``align_response_metadata`` for a merge, on typed arrays.
+
+    verl's alignment only edits the end of the metadata: it trims the entries of
+    ``result.removed_prefix_token_count`` trimmed tokens, then appends entries for the
+    inserted and appended tokens (``ContinuousTokenBuilder.align_response_metadata``,
+    its docstring and code). So it is given just the entries it may trim, and the
+    untouched head is copied as an array: no per-token Python objects per request. A
+    builder that overrides the alignment gets the whole metadata instead.
+
+    Returns:
+        (mask as ``array("b")``, logprobs as ``array("d")``), one entry per response token.
+    """
+    if getattr(type(builder), "align_response_metadata", None) is not ContinuousTokenBuilder.align_response_metadata:
+        keep = 0
+    else:
+        keep = max(0, len(mask) - result.removed_prefix_token_count)
+    tail_mask, tail_logprobs = builder.align_response_metadata(
+        result, list(mask[keep:]), list(logprobs[keep:]), assistant_logprobs=assistant_logprobs
+    )
+    return mask[:keep] + array("b", tail_mask), logprobs[:keep] + array("d", tail_logprobs or ())
 
 
 def _text_chars(messages: list[dict[str, Any]], tools_json: str) -> int:

@@ -150,3 +150,29 @@ def test_random_conversations_are_token_exact(tokenizer, token_builder, plan):
         last.prompt_ids, last.response_ids, last.response_mask)
     if plan["cut_last"]:
         assert result.turns[-1].finish_reason == "length"
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    mask=st.lists(st.integers(0, 1), max_size=12),
+    removed=st.integers(0, 14),
+    inserted=st.lists(st.integers(0, 99), max_size=3),
+    kind=st.sampled_from(["assistant", "context"]),
+    appended=st.integers(0, 5),
+)
+def test_metadata_alignment_on_arrays_equals_verls(token_builder, mask, removed, inserted, kind, appended):
+    """The session aligns mask/logprobs on the tail only (``session._aligned``); the result
+    must equal verl's ``align_response_metadata`` on the whole lists, trimmed prefixes included."""
+    from array import array
+
+    from verl.utils.tokenizer.continuous_token import MergeResult
+
+    from model_proxy.session import _aligned
+
+    logprobs = [-0.5 * (i + 1) for i in range(len(mask))]
+    result = MergeResult(token_ids=[], appended_token_count=appended, kind=kind,
+                         inserted_token_ids=inserted, removed_prefix_token_count=removed)
+    assistant = [-0.25] * appended if kind == "assistant" else None
+    want = token_builder.align_response_metadata(result, mask, logprobs, assistant_logprobs=assistant)
+    got = _aligned(token_builder, result, array("b", mask), array("d", logprobs), assistant_logprobs=assistant)
+    assert (list(got[0]), list(got[1])) == (want[0], want[1])
