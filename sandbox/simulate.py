@@ -643,6 +643,12 @@ def _tool_calls(t: Trace) -> list[tuple[int, int]]:
     return list(zip(edges[::2], edges[1::2]))
 
 
+def tool_phase_durations_s(traces: list[Trace], dt: float) -> list[float]:
+    """Seconds of every tool phase (a response leaving -> the agent's next request) in
+    ``traces`` resampled at ``dt`` seconds (``load_recorded``); one entry per phase."""
+    return [float((b - a) * dt) for t in traces for a, b in _tool_calls(t)]
+
+
 def bank_stats(traces: list[Trace], dt: float = 0.01) -> dict:
     """Trace-set statistics (MiB, seconds): peaks, means, tool share, durations, tool calls and their bursts.
 
@@ -654,7 +660,7 @@ def bank_stats(traces: list[Trace], dt: float = 0.01) -> dict:
     calls = [_tool_calls(t) for t in traces]
     bursts = np.array([float(t.mem[a:b].max() - (t.mem[a - 1] if a > 0 else 0.0))
                        for t, cs in zip(traces, calls) for a, b in cs] or [0.0])
-    call_s = np.array([(b - a) * dt for cs in calls for a, b in cs] or [0.0])
+    call_s = np.array(tool_phase_durations_s(traces, dt) or [0.0])
     idle = np.concatenate([t.mem[~t.tool] for t in traces]) if any((~t.tool).any() for t in traces) else np.zeros(1)
     return {
         "count": len(traces),
