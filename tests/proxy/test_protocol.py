@@ -80,7 +80,10 @@ async def test_unknown_closed_and_wrong_key_are_indistinguishable(proxy, open_se
     ("body", "code", "param"),
     [
         (b"{not json", "invalid_json", None),
+        (b"", "invalid_json", None),
+        (b"\xff\xfe{}", "invalid_json", None),
         (b"[1, 2]", "invalid_request", None),
+        (b"null", "invalid_request", None),
         (b'{"model": "m"}', "invalid_request", "messages"),
         (b'{"messages": []}', "invalid_request", "messages"),
         (b'{"messages": "hi"}', "invalid_request", "messages"),
