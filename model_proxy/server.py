@@ -485,7 +485,8 @@ class ModelProxyServer:
                     )
                 self._record_call(session, outcome, arrived, ttft=None, stream=False)
                 self.metrics.requests.labels(route="chat", status="200").inc()
-                return JSONResponse(outcome.response)
+                # Serialized by pydantic in one step (no intermediate dict, no json.dumps).
+                return Response(outcome.response.model_dump_json(), media_type="application/json")
             except ProxyError as exc:
                 return self._error_response(exc, "chat")
             finally:
@@ -502,7 +503,7 @@ class ModelProxyServer:
         """
         ttft: float | None = None
         try:
-            for index, chunk in enumerate(_completion_chunks(outcome.response)):
+            for index, chunk in enumerate(_completion_chunks(outcome.response.model_dump(mode="json"))):
                 yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
                 if ttft is None and index >= 1:  # event 0 is the role; 1 carries content/tool calls
                     ttft = time.perf_counter() - arrived

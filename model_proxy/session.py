@@ -241,7 +241,7 @@ class ChatOutcome:
     (no new sample, nothing to profile).
     """
 
-    response: dict[str, Any]
+    response: ChatCompletionResponse
     record: TurnRecord | None
 
 
@@ -296,7 +296,7 @@ class ProxySession:
         # ``_message_keys[:_last_request_len]`` (keys, not the request's dicts, are kept so
         # each request's copy of the history does not outlive it and load the cyclic GC).
         self._last_request_len: int | None = None
-        self._last_response: dict[str, Any] | None = None
+        self._last_response: ChatCompletionResponse | None = None
         self._last_stop_reason: str | None = None
         # Assistant messages a new segment may contain (message_key): every turn this
         # session produced, plus those in its first request (demonstrations).
@@ -656,7 +656,7 @@ class ProxySession:
                 "completion_tokens": len(output.token_ids),
                 "total_tokens": len(state.runtime_ids) + len(output.token_ids),
             },
-        ).model_dump(mode="json")
+        )
         if self.closed:
             raise session_not_found()
 
