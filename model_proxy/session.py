@@ -276,11 +276,13 @@ class ProxySession:
         self._parser = TurnParser(config.tokenizer, config.tool_parser)
         # Token state of the current segment; None until its first request is tokenized.
         self._prompt_len: int | None = None
-        # No lists: the cyclic GC would traverse a session's ~10^4 ids at every collection,
-        # stalling every session (``bench/proxy_overhead.py``). Ids are a tuple (verl's
-        # builder takes sequences; the GC untracks a tuple of ints after one pass); mask
-        # and logprobs are typed arrays, which the GC never sees (``_aligned``).
-        self._runtime_ids: tuple[int, ...] = ()  # prompt_ids + response_ids
+        # Kept out of the young GC generations: a new list (or tuple) of a session's ~10^4
+        # ids per turn would be traversed by the next young collection, one of which runs
+        # every few dozen requests and stalls every session (``bench/proxy_overhead.py``).
+        # So the ids are ONE list per session, overwritten in place at each commit (it ages
+        # into the oldest generation, which only full collections visit), and mask and
+        # logprobs are typed arrays, which the GC never traverses (``_aligned``).
+        self._runtime_ids: list[int] = []  # prompt_ids + response_ids
         self._mask = array("b")
         self._logprobs = array("d")
         self._logprobs_complete = True
@@ -627,12 +629,12 @@ class ProxySession:
         logprobs_given = output.logprobs is not None
         assistant_logprobs = list(output.logprobs) if logprobs_given else [0.0] * len(output.token_ids)
 
-        def merge() -> tuple[tuple[int, ...], array, array]:
+        def merge() -> tuple[list[int], array, array]:
             result = builder.merge_assistant_tokens(state.runtime_ids, output.token_ids)
             new_mask, new_logprobs = _aligned(
                 builder, result, state.mask, state.logprobs, assistant_logprobs=assistant_logprobs
             )
-            return tuple(result.token_ids), new_mask, new_logprobs
+            return result.token_ids, new_mask, new_logprobs
 
         # Inline, not in the executor: list concatenation, microseconds even for long streams,
         # cheaper than a thread hop.
@@ -673,7 +675,8 @@ class ProxySession:
             self._tools = state.tools
             self._tools_key = tools_key(state.tools)
             self._logprobs_complete = True
-        self._runtime_ids, self._mask, self._logprobs = new_ids, new_mask, new_logprobs
+        self._runtime_ids[:] = new_ids  # in place: see __init__
+        self._mask, self._logprobs = new_mask, new_logprobs
         self._logprobs_complete = self._logprobs_complete and logprobs_given
         assistant = parsed.as_message()
         self._known_assistant.add(message_key(assistant))
