@@ -35,6 +35,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,16 +114,7 @@ class TextTokenCache:
         splitter = self._bind(tokenizer)
         if splitter is None:
             return list(self._piece_ids(tokenizer, text))
-        out: list[int] = []
-        start = 0
-        for match in splitter.pattern.finditer(text):
-            if match.start() > start:
-                out.extend(self._piece_ids(tokenizer, text[start : match.start()]))
-            out.append(splitter.token_ids[match.group()])
-            start = match.end()
-        if start < len(text):
-            out.extend(self._piece_ids(tokenizer, text[start:]))
-        return out
+        return splitter.encode(text, lambda piece: self._piece_ids(tokenizer, piece))
 
     def _bind(self, tokenizer: Any) -> SpecialTokenSplitter | None:
         with self._lock:
@@ -166,6 +158,20 @@ class SpecialTokenSplitter:
     pattern: re.Pattern[str]
     token_ids: dict[str, int]
 
+    def encode(self, text: str, encode_piece: Callable[[str], Sequence[int]]) -> list[int]:
+        """``text``'s ids: each non-empty piece between split tokens through ``encode_piece``,
+        each split token as its id."""
+        out: list[int] = []
+        start = 0
+        for match in self.pattern.finditer(text):
+            if match.start() > start:
+                out.extend(encode_piece(text[start : match.start()]))
+            out.append(self.token_ids[match.group()])
+            start = match.end()
+        if start < len(text):
+            out.extend(encode_piece(text[start:]))
+        return out
+
 
 def special_token_splitter(tokenizer: Any) -> SpecialTokenSplitter | None:
     """The added tokens at which ``encode(a + token + b) == encode(a) + [id] + encode(b)``.
@@ -208,13 +214,7 @@ def special_token_splitter(tokenizer: Any) -> SpecialTokenSplitter | None:
     pattern = re.compile("|".join(re.escape(t) for t in sorted(token_ids, key=len, reverse=True)))
     splitter = SpecialTokenSplitter(pattern=pattern, token_ids=token_ids)
     probe = "".join(f" x{t}\n\n  ü {t}{t}y \t{t}" for t in token_ids) + " ünï 😀\n"
-    piecewise: list[int] = []
-    start = 0
-    for match in pattern.finditer(probe):
-        piecewise += encode_text(tokenizer, probe[start : match.start()]) if match.start() > start else []
-        piecewise.append(token_ids[match.group()])
-        start = match.end()
-    piecewise += encode_text(tokenizer, probe[start:])
+    piecewise = splitter.encode(probe, lambda piece: encode_text(tokenizer, piece))
     if piecewise != encode_text(tokenizer, probe):
         logger.info("model proxy: %s does not encode independently across special tokens; "
                     "caching whole renders only", type(tokenizer).__name__)
