@@ -3,7 +3,7 @@
 Usage (from the repository root):
 
     python bench/proxy_overhead.py [--levels 1,64,256] [--duration-s 5] [--paced-duration-s 20]
-        [--traces docs/traces/smith_rwt] [--tool-s 0.5] [--turns-per-session 10]
+        [--traces docs/traces/smith_rwt] [--tool-s 0.5] [--turns-per-session 10] [--no-pin]
 
 The proxy (real uvicorn on 127.0.0.1, real tiny tokenizer, verl's continuous-token
 builder) runs in a child process; its backend answers instantly with a fixed
@@ -36,7 +36,11 @@ Per level N it measures (``--duration-s`` each, the paced phase ``--paced-durati
 
 Targets (issue 6): p99 added latency < 10 ms at 64 agent-paced sessions, >= 500 req/s.
 The p99 target is read on the recorded pacing; the stress row is printed beside it.
-The machine is shared: run it on idle cores for numbers worth comparing.
+CPU placement (``--pin``, the default on 2+ CPUs): the proxies run on one CPU and the
+load generator on the others, so the client's parsing of an answer does not run on the
+proxy's core in the middle of the proxy's ``send()`` (see ``cpu_split``); ``--no-pin``
+measures both sharing every CPU. The machine is shared: run it on idle cores for
+numbers worth comparing.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import random
 import statistics
 import sys
@@ -67,9 +72,12 @@ from model_proxy.render_cache import DEFAULT_MAX_ENTRIES as DEFAULT_RENDER_CACHE
 # -- child process: the proxy ----------------------------------------------------------------
 
 
-def _serve(model_dir: str, conn: Any, render_cache_entries: int, freeze_gc: bool) -> None:
+def _serve(model_dir: str, conn: Any, render_cache_entries: int, freeze_gc: bool, cpus: frozenset[int]) -> None:
     """Child: start the proxy; ("open", (n, finished ids)) closes the finished sessions (as the agent
-    loop does when a rollout ends) and answers n new [(base_url, key, session id)]; "stop" stops."""
+    loop does when a rollout ends) and answers n new [(base_url, key, session id)]; "stop" stops.
+    ``cpus``: the CPUs this process (and the threads it starts) may run on; empty: any."""
+    if cpus:  # before the tokenizer and the executor start their threads, so they inherit it
+        os.sched_setaffinity(0, cpus)
     asyncio.run(_serve_async(model_dir, conn, render_cache_entries, freeze_gc))
 
 
@@ -129,6 +137,37 @@ def tool_output(worker: int, turn: int, rng: random.Random) -> str:
 
 
 OPEN_BATCH = 8
+
+
+@dataclass(frozen=True)
+class CpuSplit:
+    """Where the processes run (Linux CPU affinity): the proxies on ``proxy``, the load
+    generator on ``load``; empty sets: unpinned."""
+
+    proxy: frozenset[int] = frozenset()
+    load: frozenset[int] = frozenset()
+
+    def describe(self) -> str:
+        if not self.proxy:
+            return "unpinned (proxy and load generator share every CPU)"
+        return f"proxy on CPU {sorted(self.proxy)}, load generator on CPUs {sorted(self.load)}"
+
+
+def cpu_split(pin: bool) -> CpuSplit:
+    """The proxy on the first CPU this process may use, the load generator on the others.
+
+    Why: answering a request on loopback wakes the client, and the kernel places a task
+    woken that way on the waker's CPU (wake-affine). On a 2-core machine the load
+    generator then runs on the proxy's core, and the proxy's ``send()`` returns only
+    when the client has parsed the answer: ~170 us per write instead of ~30 us, two
+    writes per answer, all of it counted as proxy latency. With the two apart, what is
+    measured is the proxy's own work. Unpinned (``--no-pin``, or fewer than 2 CPUs, or no
+    ``os.sched_setaffinity``): both share every CPU.
+    """
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not pin or len(allowed) < 2:
+        return CpuSplit()
+    return CpuSplit(proxy=frozenset(allowed[:1]), load=frozenset(allowed[1:]))
 
 
 @dataclass(frozen=True)
@@ -364,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the proxy's render cache size for the main measurements (0 = off)")
     parser.add_argument("--freeze-gc", action=argparse.BooleanOptionalAction, default=True,
                         help="start the proxies with freeze_gc (as the recipe's swe_agent.proxy.freeze_gc default)")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the proxies on one CPU and the load generator on the others (see cpu_split)")
     parser.add_argument("--ab-rounds", type=int, default=3, help="alternating rounds of the render-cache A/B")
     parser.add_argument("--ab-duration-s", type=float, default=3.0, help="seconds per A/B round and mode")
     args = parser.parse_args(argv)
@@ -371,15 +412,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from prepare.tiny_model import build_tiny_model
 
+    split = cpu_split(args.pin)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(build_tiny_model(Path(tmp) / "tiny", seed=0))
         ctx = mp.get_context("spawn")
         children = []
         for entries in (args.render_cache_entries, 0):
             parent, child = ctx.Pipe()
-            process = ctx.Process(target=_serve, args=(model_dir, child, entries, args.freeze_gc), daemon=True)
+            process = ctx.Process(
+                target=_serve, args=(model_dir, child, entries, args.freeze_gc, split.proxy), daemon=True
+            )
             process.start()
             children.append((parent, process))
+        if split.load:  # after the children started: they inherit this process's affinity first
+            os.sched_setaffinity(0, split.load)
         try:
             proxies = [(parent, parent.recv(), process.pid) for parent, process in children]
             rows, ab = asyncio.run(_main_async(args, proxies))
@@ -392,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"ModelProxy overhead, instant backend; latency in ms, client-side. Saturated {args.duration_s}s; "
           f"paced {args.paced_duration_s}s each: recorded tool phases ({args.traces.name}), and stress "
-          f"(uniform {args.tool_s}s); freeze_gc={args.freeze_gc}")
+          f"(uniform {args.tool_s}s); freeze_gc={args.freeze_gc}; {split.describe()}")
     header = (f"{'sessions':>8} | {'sat req/s':>9} {'p50':>7} {'p99':>7} | {'recorded req/s':>14} {'p50':>6} "
               f"{'p99':>6} {'server mean':>11} | {'stress req/s':>12} {'p50':>6} {'p99':>6} | "
               f"{'/health p50':>11} {'p99':>6} | {'CPU ms/req':>10} {'1-core req/s':>12}")
