@@ -20,11 +20,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_reference_run_writes_trajectories_predictions_and_summary(simple_tasks_dir, tiny_model_dir, tmp_path):
+def test_reference_run_writes_trajectories_predictions_summary_and_profile(simple_tasks_dir, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
+    profile = tmp_path / "profile"
     data = f"{simple_tasks_dir / 'train.parquet'},{simple_tasks_dir / 'test.parquet'}"
     proc = run_cli(f"data={data}", "policy=reference", f"model_path={tiny_model_dir}", f"out_dir={out}",
-                   "limit=3", "n=2", "concurrency=3")
+                   "limit=3", "n=2", "concurrency=3", f"swe_agent.proxy.profile_log_dir={profile}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resolved=6 (100.0%)" in proc.stdout
     assert "GRPO groups=3 uniform-reward (zero advantage)=3 (all resolved 3" in proc.stdout
@@ -54,6 +55,24 @@ def test_reference_run_writes_trajectories_predictions_and_summary(simple_tasks_
     step = json.loads((out / "m.jsonl").read_text().splitlines()[0])
     assert step["swe/rollouts"] == 6 and step["swe/resolved_rate"] == 1.0 and step["swe/exit/submitted"] == 6
     assert step["swe/grpo_uniform_groups"] == 3
+
+    # The proxy's profile log of this real run (real mini-swe-agent processes) -> stats JSON and PNGs.
+    events = [json.loads(line) for path in profile.glob("*.jsonl") for line in path.read_text().splitlines()]
+    calls = [e for e in events if e["type"] == "llm_call"]
+    tool_phases = [e for e in events if e["type"] == "tool_phase"]
+    assert len({c["session"] for c in calls}) == 6
+    assert len(calls) == sum(r["num_llm_calls"] for r in records)
+    assert sum(c["completion_tokens"] for c in calls) == sum(r["sampled_tokens"] for r in records)
+    assert tool_phases and all(t["duration_ms"] >= 0 for t in tool_phases)
+    analysis = tmp_path / "analysis"
+    analyze = subprocess.run([sys.executable, "-m", "model_proxy.analyze", str(profile), "--out-dir", str(analysis)],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert analyze.returncode == 0, analyze.stderr
+    stats = json.loads((analysis / "proxy_stats.json").read_text())["metrics"]
+    assert stats["total_ms"]["n"] == len(calls) and stats["tool_ms"]["n"] == len(tool_phases)
+    assert stats["prompt_tokens"]["max"] == max(c["prompt_tokens"] for c in calls)
+    for name in ("total_ms", "generate_ms", "prompt_tokens", "completion_tokens", "tool_ms"):
+        assert (analysis / f"proxy_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_unknown_option_fails_with_its_name(tmp_path):
