@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import proxy_overhead  # noqa: E402
+_spec = importlib.util.spec_from_file_location("proxy_overhead", ROOT / "bench" / "proxy_overhead.py")
+proxy_overhead = importlib.util.module_from_spec(_spec)
+sys.modules["proxy_overhead"] = proxy_overhead  # dataclasses look their module up there
+_spec.loader.exec_module(proxy_overhead)
 
 
 def test_cpu_split_separates_proxy_and_load_or_leaves_both_unpinned():
