@@ -108,6 +108,9 @@ class SessionConfig:
         profile_log_dir: directory for this session's per-call JSONL profile lines
             (``profiling.py``); None = the server's ``profile_log_dir`` (itself off by
             default).
+        max_turn_tokens: tokens one turn may sample at most, whatever the agent asks
+            (mini-swe-agent sends no ``max_tokens``, so without it one rambling turn
+            could use the whole response budget); None = only the budget limits it.
     """
 
     backend: GenerationBackend
@@ -122,6 +125,7 @@ class SessionConfig:
     max_prompt_tokens: int | None = None
     on_history_rewrite: HistoryRewritePolicy = "new_segment"
     profile_log_dir: str | None = None
+    max_turn_tokens: int | None = None
 
 
 @dataclass
@@ -217,6 +221,8 @@ class SessionResult:
         tool_s: total seconds between a response leaving and the next request arriving.
         turns: per-turn records.
         segments: every segment (``[]`` when no turn was generated).
+        min_weight_version, max_weight_version: the oldest and newest policy versions
+            that sampled a turn (``GenerationOutput.weight_version``); None when unknown.
     """
 
     prompt_ids: list[int]
@@ -231,6 +237,8 @@ class SessionResult:
     tool_s: float
     turns: list[TurnRecord]
     segments: list[Segment] = field(default_factory=list)
+    min_weight_version: int | None = None
+    max_weight_version: int | None = None
 
 
 @dataclass
@@ -308,6 +316,8 @@ class ProxySession:
         self._error: str | None = None
         self._generation_s = 0.0
         self._tool_s = 0.0
+        self._min_version: int | None = None
+        self._max_version: int | None = None
         self._response_left_at: float | None = None
         self._turns: list[TurnRecord] = []
 
@@ -377,6 +387,8 @@ class ProxySession:
             tool_s=self._tool_s,
             turns=list(self._turns),
             segments=segments,
+            min_weight_version=self._min_version,
+            max_weight_version=self._max_version,
         )
 
     def close(self) -> SessionResult:
@@ -567,8 +579,8 @@ class ProxySession:
         agent_max = request.max_completion_tokens or request.max_tokens
         if agent_max is not None and agent_max < 1:
             raise ProxyError(400, "max_tokens must be at least 1.", param="max_tokens", code="invalid_value")
-        # The per-turn limit: the segment's remaining response budget, lowered by the agent's.
-        max_tokens = min(agent_max, remaining) if agent_max is not None else remaining
+        # The per-turn limit: the segment's remaining response budget, lowered by the agent's and the cap.
+        max_tokens = min(n for n in (agent_max, remaining, self.config.max_turn_tokens) if n is not None)
         params = turn_sampling_params(
             self.config.sampling_params,
             max_tokens=max_tokens,
@@ -688,6 +700,9 @@ class ProxySession:
         self._last_request_len = len(request_messages)
         self._last_response = response
         self._last_stop_reason = output.stop_reason
+        if output.weight_version is not None:
+            versions = [v for v in (self._min_version, self._max_version) if v is not None] + [output.weight_version]
+            self._min_version, self._max_version = min(versions), max(versions)
         self._turns.append(record)
         self._segment_turns += 1
         if output.stop_reason == "length":

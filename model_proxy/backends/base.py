@@ -19,11 +19,15 @@ class GenerationOutput:
             (``len(logprobs) == len(token_ids)``), or None if the backend has none.
         stop_reason: ``"stop"`` (end-of-turn/stop token), ``"length"`` (hit
             ``max_tokens`` without ending the turn) or ``"abort"`` (cancelled).
+        weight_version: the policy version that sampled the turn (verl's trainer
+            step of the server's weights, ``TokenOutput.extra_fields["global_steps"]``);
+            None when the backend does not know.
     """
 
     token_ids: list[int]
     logprobs: list[float] | None
     stop_reason: StopReason
+    weight_version: int | None = None
 
 
 @runtime_checkable

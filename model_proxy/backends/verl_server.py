@@ -62,10 +62,12 @@ class VerlServerBackend:
             raise ValueError(f"server returned {len(logprobs)} logprobs for {len(token_ids)} tokens")
         if not token_ids:
             logprobs = [] if log_probs is not None else None
+        version = (getattr(output, "extra_fields", None) or {}).get("global_steps")
         return GenerationOutput(
             token_ids=token_ids,
             logprobs=logprobs,
             stop_reason=self._stop_reason(output, token_ids, sampling_params),
+            weight_version=int(version) if version is not None else None,
         )
 
     def _stop_reason(self, output: Any, token_ids: list[int], sampling_params: dict[str, Any]) -> StopReason:
