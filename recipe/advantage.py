@@ -70,3 +70,59 @@ def register() -> None:
 
     if ADV_ESTIMATOR_REGISTRY.get(GRPO_MASKED) is not compute_grpo_masked_outcome_advantage:
         register_adv_est(GRPO_MASKED)(compute_grpo_masked_outcome_advantage)
+
+
+def session_keys(batch_keys: list[str]) -> list[str]:
+    """The trajectory of each row of verl's v1 batch: keys are ``{uid}_{session_id}_{segment}``.
+
+    Raises:
+        ValueError: a key not in that format.
+    """
+    sessions = []
+    for key in batch_keys:
+        parts = key.rsplit("_", 2)
+        if len(parts) != 3 or not parts[2].isdigit():
+            raise ValueError(f"unexpected verl batch key {key!r} (expected uid_session_segment)")
+        sessions.append(f"{parts[0]}_{parts[1]}")
+    return sessions
+
+
+def compute_grpo_masked_for_sessions(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    sessions: list[str],
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``grpo_masked`` over trajectories when a trajectory spans several rows (token segments).
+
+    verl's v1 trainer puts each segment of a trajectory in its own row with the
+    trajectory's reward; it computes GRPO from each trajectory's final row and
+    broadcasts the result (``verl.trainer.ppo.v1.utils.compute_advantage_for_multi_trajectories``),
+    but hands any other estimator every row, which would count a 3-segment
+    trajectory three times in its group. Here the group statistics use one entry per
+    trajectory (its final row: the reward, and whether it reaches the loss), and every
+    row gets its trajectory's advantage on its own mask.
+
+    Args:
+        sessions: per row, the trajectory it belongs to (``session_keys``); rows of one
+            trajectory are in segment order.
+        Other arguments as ``compute_grpo_masked_outcome_advantage``.
+
+    Returns:
+        (advantages, returns), each ``(rows, response_length)``.
+    """
+    final: dict[str, int] = {}
+    for row, session in enumerate(sessions):
+        final[session] = row  # the last row seen is the final segment
+    rows = list(final.values())
+    per_session, _ = compute_grpo_masked_outcome_advantage(
+        token_level_rewards[rows], response_mask[rows], np.asarray(index)[rows], **kwargs
+    )
+    # One scalar per trajectory: its advantage on any trained position (0 when masked).
+    trained = response_mask[rows].sum(dim=-1) > 0
+    first = response_mask[rows].argmax(dim=-1)
+    scalar = torch.where(trained, per_session[torch.arange(len(rows)), first], torch.zeros(len(rows)))
+    position = {session: i for i, session in enumerate(final)}
+    advantages = scalar[[position[s] for s in sessions]].unsqueeze(-1) * response_mask
+    return advantages, advantages
