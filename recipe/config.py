@@ -25,12 +25,17 @@ class Policy(str, Enum):
     ``reference_with_tests``: the reference fix inside the action sequence of a real
     agent (read the code, run the failing tests, fix, rerun them and the suite,
     submit): tool phases that do real work, for resource traces and load tests.
+    ``group_check``: a GRPO harness check with known outcomes per group: rollout k of
+    a group (verl's ``session_id``, the rollout CLI's repeat index) plays reference,
+    empty and stall (no-op commands until the step limit: a masked ``step_limit``
+    exit) in turn, so the trainer's rewards, masks and advantages can be checked.
     """
 
     MODEL = "model"
     REFERENCE = "reference"
     EMPTY = "empty"
     REFERENCE_WITH_TESTS = "reference_with_tests"
+    GROUP_CHECK = "group_check"
 
 
 @dataclass
@@ -100,6 +105,13 @@ class ProxySettings:
     # When the agent rewrites its history: "new_segment" (train on each append-only segment)
     # or "error" (refuse the request; the agent then ends the episode).
     on_history_rewrite: str = "new_segment"
+    # verl continuous-token builder family (verl.utils.tokenizer.continuous_token_wiring): "auto" infers
+    # it from the model config's model_type; ChatML models of other types (SmolLM2: llama) need "qwen".
+    # Checked against the chat template at start-up (model_proxy/token_check.py).
+    token_builder: str = "auto"
+    # Tokens one turn may sample at most (mini-swe-agent sends no max_tokens); null = only the
+    # response budget limits a turn. A turn cut here ends the episode as context_limit.
+    max_turn_tokens: int | None = 4096
     # Per-call profiling log (JSONL) directory for `python -m model_proxy.analyze`; null = off.
     profile_log_dir: str | None = None
     # gc.freeze() the worker's import-time heap when the proxy starts: full cyclic-GC passes

@@ -94,8 +94,12 @@ def make_loop_factory(cfg: RolloutRunConfig):
         from prepare.tiny_model import build_tiny_model
 
         cfg.model_path = str(build_tiny_model(Path(cfg.out_dir) / "tiny_model", seed=cfg.seed))
+    from model_proxy.token_check import make_token_builder
+
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
     hf_model_type = getattr(AutoConfig.from_pretrained(cfg.model_path), "model_type", None)
+    # Fails here, naming the setting, when the builder would not reproduce the chat template.
+    make_token_builder(tokenizer, family=str(swe_agent.proxy.get("token_builder", "auto")), hf_model_type=hf_model_type)
     if Policy(cfg.policy) == Policy.MODEL:
         from model_proxy.backends.hf_local import HFLocalBackend
 
@@ -139,7 +143,7 @@ async def run_rollouts(cfg: RolloutRunConfig) -> dict[str, Any]:
     model_name = cfg.model_name or (cfg.model_path if cfg.policy == "model" else f"scripted-{cfg.policy}")
     semaphore = asyncio.Semaphore(cfg.concurrency)
 
-    async def one(row: dict[str, Any]) -> TrajectoryRecord:
+    async def one(row: dict[str, Any], session: int) -> TrajectoryRecord:
         async with semaphore:
             output = await make_loop().run(
                 dict(sampling_params),
@@ -147,10 +151,11 @@ async def run_rollouts(cfg: RolloutRunConfig) -> dict[str, Any]:
                 extra_info=row.get("extra_info") or {},
                 data_source=row.get("data_source", ""),
                 reward_model=row.get("reward_model"),
+                session_id=session,
             )
         return TrajectoryRecord.from_output(output, data_source=row.get("data_source", ""), policy=cfg.policy)
 
-    jobs = [asyncio.create_task(one(row)) for row in rows for _ in range(cfg.n)]
+    jobs = [asyncio.create_task(one(row, k)) for row in rows for k in range(cfg.n)]
     records: list[TrajectoryRecord] = []
     try:
         # The loop itself appends each rollout's record under out_dir/rollouts/.

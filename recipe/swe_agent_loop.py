@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
+from verl.utils.tokenizer.continuous_token_wiring import create_continuous_token_builder
 from verl.experimental.agent_loop.agent_loop import (
     AgentLoopBase,
     AgentLoopMetrics,
@@ -94,6 +95,12 @@ class RolloutInfo:
     # Token segments of the rollout (a rewritten history starts a new one) and this output's index.
     num_segments: int = 1
     segment: int = 0
+    # Oldest and newest policy versions (verl trainer steps of the server's weights) that sampled
+    # a turn; verl's v1 trainer reads them for its staleness metrics and needs integers.
+    min_global_steps: int | None = None
+    max_global_steps: int | None = None
+    # The task row's split (extra_info["split"]): tells validation rollouts from training ones.
+    split: str = ""
 
 
 def reward_extra_info(extra: dict[str, Any]) -> dict[str, float]:
@@ -142,6 +149,12 @@ class SWEAgentLoop(AgentLoopBase):
         super().__init__(*args, **kwargs)
         section = self.config.get("swe_agent") if isinstance(self.config, DictConfig) else None
         self.swe_config: SWEAgentConfig = load_swe_agent_config(section, swe_agent)
+        if self.swe_config.proxy.token_builder != "auto":
+            # verl picks the builder from model_type alone; a ChatML model of another type needs it named.
+            self.continuous_token_builder = create_continuous_token_builder(
+                self.tokenizer, model_family=self.swe_config.proxy.token_builder,
+                chat_template_kwargs=self.apply_chat_template_kwargs,
+            )
         self.backend = backend
         self.response_length: int = int(self.rollout_config.response_length)
 
@@ -224,10 +237,14 @@ class SWEAgentLoop(AgentLoopBase):
     ) -> AgentLoopOutput | list[AgentLoopOutput]:
         """Add the GRPO group, step and ``reward_extra_info`` to every segment; append the record."""
         outputs = output if isinstance(output, list) else [output]
+        step = int(kwargs.get("global_steps", -1))
         for out in outputs:
             extra = out.extra_fields
             extra["group_id"] = str(kwargs.get("uid") or extra["instance_id"])
-            extra["global_step"] = int(kwargs.get("global_steps", -1))
+            extra["global_step"] = step
+            if step >= 0 and extra.get("max_global_steps") is None:
+                # Nothing was sampled: the weights in force are the previous step's (verl's convention).
+                extra["min_global_steps"] = extra["max_global_steps"] = max(0, step - 1)
             extra["reward_extra_info"] = reward_extra_info(extra)
         if self.swe_config.trajectory_dir:
             record = TrajectoryRecord.from_output(
@@ -248,6 +265,7 @@ class SWEAgentLoop(AgentLoopBase):
             logger.warning("%s", info.error)
             return await self._output_without_session(raw_prompt, info, start)
         info.instance_id = task.instance_id
+        info.split = str((kwargs.get("extra_info") or {}).get("split", ""))
 
         sandbox: LocalSandbox | None = None
         proxy = await ModelProxyServer.shared(
@@ -272,7 +290,7 @@ class SWEAgentLoop(AgentLoopBase):
             stage = ExitStatus.PROXY_ERROR
             handle = proxy.open_session(
                 SessionConfig(
-                    backend=self._backend_for(task),
+                    backend=self._backend_for(task, int(kwargs.get("session_id") or 0)),
                     tokenizer=self.tokenizer,
                     token_builder=self.continuous_token_builder,
                     sampling_params=dict(sampling_params),
@@ -284,6 +302,7 @@ class SWEAgentLoop(AgentLoopBase):
                     request_id=info.rollout_id,
                     on_history_rewrite=self.swe_config.proxy.on_history_rewrite,
                     profile_log_dir=self.swe_config.proxy.profile_log_dir,
+                    max_turn_tokens=self.swe_config.proxy.max_turn_tokens,
                     on_phase=lease.on_phase,
                 )
             )
@@ -365,7 +384,8 @@ class SWEAgentLoop(AgentLoopBase):
             return await run_swe_agent(sandbox, image=task.image_name, **common)
         return await run_mini_swe_agent(sandbox, trajectory_path=self._trajectory_path(task, rollout_id), **common)
 
-    def _backend_for(self, task: SWETask) -> GenerationBackend:
+    def _backend_for(self, task: SWETask, session: int = 0) -> GenerationBackend:
+        """The policy's backend; ``session`` is the rollout's index in its GRPO group."""
         policy = self.swe_config.policy
         scripted = self.swe_config.scripted
         latency = GenerationLatency(
@@ -374,10 +394,12 @@ class SWEAgentLoop(AgentLoopBase):
             min_turn_tokens=scripted.latency_min_turn_tokens,
             jitter_sigma=scripted.latency_jitter_sigma,
         )
+        stall = ["echo waiting"] * (self.swe_config.agent.step_limit + 5)
         scripts = {
             Policy.REFERENCE: reference_commands,
             Policy.REFERENCE_WITH_TESTS: reference_with_tests_commands,
             Policy.EMPTY: lambda _: [],
+            Policy.GROUP_CHECK: lambda t: [reference_commands(t), [], stall][session % 3],
         }
         for scripted_policy, commands in scripts.items():
             if policy == scripted_policy:
@@ -409,6 +431,8 @@ class SWEAgentLoop(AgentLoopBase):
         status = ExitStatus(info.exit_status)
         info.generation_s = session.generation_s
         info.tool_s = session.tool_s
+        info.min_global_steps = session.min_weight_version
+        info.max_global_steps = session.max_weight_version
         info.messages = [m for seg in session.segments for m in seg.messages] or session.messages or agent.messages
         segments = [(seg.prompt_ids, seg.response_ids, seg.response_mask, seg.response_logprobs)
                     for seg in session.segments] or [

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,11 @@ def compose_config(overrides: list[str]) -> DictConfig:
         OmegaConf.register_new_resolver("swe_rl_root", lambda: str(ROOT))
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = compose(config_name=CONFIG_NAME, overrides=overrides)
+    # Ray workers do not share the driver's working directory: a relative output path would land
+    # somewhere else for each of them. Anchor it here (what depends on it follows by interpolation).
+    local_dir = str(cfg.trainer.default_local_dir)
+    if not os.path.isabs(local_dir) and not local_dir.startswith("${"):
+        cfg.trainer.default_local_dir = os.path.join(os.getcwd(), local_dir)
     # Ray workers resolve the config again without our resolver: resolve it here.
     OmegaConf.resolve(cfg)
     load_swe_agent_config(cfg.swe_agent)
@@ -53,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = compose_config(args.overrides)
+        _export_platform_env(cfg)
         with contextlib.redirect_stdout(sys.stderr):  # keep stdout the config alone
             _validate_for_verl(cfg)
     except (ConfigCompositionException, OmegaConfBaseException, ValueError, AssertionError) as exc:
@@ -61,14 +68,88 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(OmegaConf.to_yaml(cfg))
         return 0
+    try:
+        check_policy_tokens(cfg)
+        # Every reach into verl internals, checked here before Ray starts (each worker checks again).
+        from recipe.verl_plugin.internals import check_all
+
+        check_all()
+    except (ValueError, RuntimeError) as exc:
+        print(f"recipe.train: {exc}", file=sys.stderr)
+        return 2
 
     # Same steps as verl.trainer.main_ppo.main, which is wrapped by @hydra.main and cannot take a config.
     from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
     from verl.utils.device import auto_set_device
 
     auto_set_device(cfg)
-    run_ppo(cfg, task_runner_class=TaskRunnerV1)
+    _keep_previous_metrics(cfg)
+    if cfg.trainer.use_v1:
+        run_ppo(cfg, task_runner_class=TaskRunnerV1)
+    else:
+        from verl.trainer.main_ppo_v0 import TaskRunner
+
+        run_ppo(cfg, task_runner_class=TaskRunner)
     return 0
+
+
+# Variables verl reads at import or platform resolution: the driver needs them as the Ray workers do.
+_PLATFORM_ENV = ("VERL_PLATFORM", "VERL_USE_EXTERNAL_MODULES", "VERL_ENGINE_DEVICE")
+
+
+def _export_platform_env(cfg: DictConfig) -> None:
+    """Set the profile's platform variables (``ray_kwargs.ray_init.runtime_env.env_vars``) in this process.
+
+    Must run before verl is imported: verl loads ``VERL_USE_EXTERNAL_MODULES`` in its
+    ``__init__`` and resolves the platform once per process.
+    """
+    env_vars = OmegaConf.select(cfg, "ray_kwargs.ray_init.runtime_env.env_vars") or {}
+    for key in _PLATFORM_ENV:
+        if key in env_vars:
+            os.environ[key] = str(env_vars[key])
+    if "verl" in sys.modules and os.environ.get("VERL_USE_EXTERNAL_MODULES"):
+        import importlib
+
+        for module in os.environ["VERL_USE_EXTERNAL_MODULES"].split(","):
+            importlib.import_module(module.strip())
+
+
+def _keep_previous_metrics(cfg: DictConfig) -> None:
+    """verl's ``file`` logger truncates its file: a resumed run moves the earlier one aside first.
+
+    ``metrics.jsonl`` becomes ``metrics.1.jsonl`` (then ``.2``...); ``recipe.metrics --trainer-log``
+    reads them all, newest last.
+    """
+    env_vars = OmegaConf.select(cfg, "ray_kwargs.ray_init.runtime_env.env_vars") or {}
+    path = Path(str(env_vars.get("VERL_FILE_LOGGER_PATH") or os.environ.get("VERL_FILE_LOGGER_PATH") or ""))
+    if not path.name or not path.is_file():
+        return
+    n = 1
+    while path.with_suffix(f".{n}{path.suffix}").exists():
+        n += 1
+    path.rename(path.with_suffix(f".{n}{path.suffix}"))
+
+
+def check_policy_tokens(cfg: DictConfig) -> None:
+    """Check that the configured continuous-token builder reproduces the policy's chat template.
+
+    Loads the tokenizer of ``actor_rollout_ref.model.path`` (with verl's
+    ``custom_chat_template`` when set), as every rollout worker will.
+
+    Raises:
+        model_proxy.token_check.TokenBuilderMismatch: (a ValueError) naming the setting to change.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from model_proxy.token_check import make_token_builder
+
+    model = cfg.actor_rollout_ref.model
+    trust = bool(model.get("trust_remote_code", False))
+    tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=trust)
+    if model.get("custom_chat_template"):
+        tokenizer.chat_template = model.custom_chat_template
+    model_type = getattr(AutoConfig.from_pretrained(model.path, trust_remote_code=trust), "model_type", None)
+    make_token_builder(tokenizer, family=cfg.swe_agent.proxy.token_builder, hf_model_type=model_type)
 
 
 def _validate_for_verl(cfg: DictConfig) -> None:

@@ -41,6 +41,10 @@ class TrajectoryRecord(BaseModel):
     group_id: str = ""  # GRPO group: rollouts of the same prompt
     global_step: int = -1  # trainer step; -1 outside training
     num_segments: int = 1  # token segments (a rewritten history starts a new one)
+    # Policy versions (trainer steps of the rollout server's weights) that sampled it; None = unknown.
+    min_global_steps: int | None = None
+    max_global_steps: int | None = None
+    split: str = ""  # the task row's split (train / test)
 
     @classmethod
     def from_output(
@@ -81,6 +85,9 @@ class TrajectoryRecord(BaseModel):
             group_id=extra.get("group_id") or extra["instance_id"],
             global_step=int(extra.get("global_step", -1)),
             num_segments=len(outputs),
+            min_global_steps=extra.get("min_global_steps"),
+            max_global_steps=extra.get("max_global_steps"),
+            split=extra.get("split", ""),
         )
 
     def prediction(self, model_name: str) -> dict[str, str]:
