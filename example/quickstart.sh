@@ -5,7 +5,9 @@
 #   2. policy=empty:     submits nothing (harness check; expect 0%)
 #   3. policy=model:     a tiny random Qwen2 built locally (exact tokens/mask/logprobs end to end)
 # then the same harness checks (1, 2) on a sample of real tasks: bugs injected into two small
-# PyPI packages (prepare_data.py --mode smith; needs PyPI for the sdists and their venvs).
+# PyPI packages (prepare_data.py --mode smith; needs PyPI for the sdists and their venvs),
+# and last a short GRPO run through verl's own trainer on CPU (example/run_cpu.sh with the tiny
+# model, 2 steps) that prints its per-step table.
 # Extra arguments are passed to every rollout run (e.g. concurrency=2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,3 +45,8 @@ print(f"{sys.argv[1].split('/')[-2]:>16} {s['policy']:>10}: {a['resolved']}/{a['
 PY
 done
 echo "trajectories, predictions and summaries: $OUT/"
+
+echo
+echo "== GRPO on CPU: verl's trainer, tiny model, 2 steps =="
+MODEL=tiny DATA="$DATA" OUT="$OUT/train_cpu" bash example/run_cpu.sh \
+  trainer.total_training_steps=2 trainer.val_before_train=false
