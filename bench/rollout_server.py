@@ -18,7 +18,8 @@ rollouts run at once, in three engine configurations:
 - ``cache``: ``max_num_seqs=1`` with the prefix cache -- a turn prefills only its new tokens;
 - ``batched``: ``max_num_seqs=N`` with the prefix cache -- the shipped configuration.
 
-Prints per level the generated tokens per second of each configuration and the ratios to
+Each configuration runs ``--repeats`` times in rotating order (the machine may be shared) and
+the median is kept. Prints per level the generated tokens per second of each configuration and the ratios to
 ``one``, the mean decode batch and the share of prompt tokens served from the cache.
 Timed assertions do not belong in tests; ``tests/proxy/test_hf_engine.py`` checks the
 outputs are those of plain transformers forwards.
@@ -105,15 +106,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tool-tokens", type=int, default=150)
     parser.add_argument("--turn-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the engine")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration (median kept)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         path = model_dir(args.model, Path(scratch))
         print(f"model {path.name}: {args.turns} turns/rollout, prompt {args.prompt_tokens}, "
-              f"+{args.tool_tokens} tool tokens/turn, {args.turn_tokens} sampled tokens/turn, {args.threads} thread(s)")
+              f"+{args.tool_tokens} tool tokens/turn, {args.turn_tokens} sampled tokens/turn, {args.threads} thread(s), "
+              f"median of {args.repeats}")
         print(f"{'rollouts':>8} {'one tok/s':>10} {'cache tok/s':>12} {'batched tok/s':>14} "
               f"{'cache/one':>10} {'batched/one':>12} {'mean batch':>11} {'cached prompt':>14}")
         for level in (int(x) for x in args.levels.split(",")):
-            one, cache, batched = (measure(path, level, mode, args) for mode in ("one", "cache", "batched"))
+            runs: dict[str, list[dict[str, float]]] = {"one": [], "cache": [], "batched": []}
+            modes = list(runs)
+            for repeat in range(args.repeats):
+                for mode in modes[repeat % 3:] + modes[: repeat % 3]:
+                    runs[mode].append(measure(path, level, mode, args))
+            one, cache, batched = (sorted(runs[m], key=lambda r: r["tok_s"])[len(runs[m]) // 2] for m in modes)
             print(f"{level:>8} {one['tok_s']:>10.1f} {cache['tok_s']:>12.1f} {batched['tok_s']:>14.1f} "
                   f"{cache['tok_s'] / one['tok_s']:>9.2f}x {batched['tok_s'] / one['tok_s']:>11.2f}x "
                   f"{batched['mean_batch']:>11.1f} {100 * batched['reused']:>13.0f}%", flush=True)
