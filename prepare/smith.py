@@ -62,7 +62,7 @@ from prepare.smith_env import (
 from prepare.smith_packages import PackageSpec
 from prepare.task import SWETask
 from prepare.validate import validate_task
-from reward.patch import is_test_path
+from reward.protected import is_test_path
 from sandbox.process import run_command
 
 DATA_SOURCE = "swe_smith"

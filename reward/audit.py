@@ -40,7 +40,7 @@ from prepare.task import SWETask, load_tasks
 from reward.config import DEFAULT_GRADE_TIMEOUT_S, RewardConfig
 from reward.grader import Grader
 from reward.grading import GradeResult
-from reward.hacks import HACKS, build_hacks
+from reward.hacks import HACKS, TASK_VARIANTS, build_hacks
 
 BASELINES = ("reference", "empty")
 
@@ -166,7 +166,9 @@ async def audit(
                     report.grades.append(Grade(task.instance_id, task.repo, kind, 0.0, False, "hack_build_error",
                                                [], 0, 0.0, f"{type(exc).__name__}: {exc}"))
             for kind, patch in patches.items():
-                report.grades.append(Grade.of(task, kind, await grader.grade(task, patch)))
+                # Some hacks attack the task's own command: they are graded on a variant of it.
+                graded_task = TASK_VARIANTS.get(kind, lambda t: t)(task)
+                report.grades.append(Grade.of(task, kind, await grader.grade(graded_task, patch)))
         bar.update(1)
 
     try:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 from prepare.task import SWETask
 from reward.cache import GradeCache
 from reward.config import RewardConfig
-from reward.grading import GradeResult, grade_patch
-from reward.isolation import NetworkPolicy
+from reward.grading import GradeResult, grade_patch, score
+from reward.isolation import NetworkPolicy, grading_policy
 from reward.pristine import PristineTrees
 
 
@@ -38,9 +39,11 @@ class Grader:
     pristine: PristineTrees | None = field(init=False)
 
     def __post_init__(self) -> None:
-        self.network = NetworkPolicy(self.config.network)
+        self.network = grading_policy(self.config)
         self.cache = GradeCache() if self.use_cache else None
         self.pristine = PristineTrees(self.work_root) if self.use_pristine else None
+        # Reference patches' outcomes by instance id (the ones an XFAIL/SKIPPED test is compared with).
+        self._references: GradeCache[dict[str, str]] = GradeCache()
 
     def close(self) -> None:
         """Remove the prepared trees (also done when the grader is garbage-collected)."""
@@ -48,8 +51,13 @@ class Grader:
             self.pristine.close()
 
     async def grade(self, task: SWETask, model_patch: str, *, skip_empty: bool = True) -> GradeResult:
-        """Grade one patch (``reward.grading.grade_patch``); an empty patch runs nothing by default."""
-        return await grade_patch(
+        """Grade one patch (``reward.grading.grade_patch``); an empty patch runs nothing by default.
+
+        When a listed test ended XFAIL/XPASS/SKIPPED, the task's reference patch is graded
+        once (per grader and instance) and the result re-scored with its outcomes: such a
+        test passes only if it ends the same way with the reference.
+        """
+        result = await grade_patch(
             task,
             model_patch,
             work_root=self.work_root,
@@ -59,3 +67,20 @@ class Grader:
             cache=self.cache,
             pristine=self.pristine,
         )
+        if not result.needs_reference:
+            return result
+        reference = await self.reference_outcomes(task)
+        rescored = copy.deepcopy(result)
+        score(rescored, task, self.config.variant, reference)
+        return rescored
+
+    async def reference_outcomes(self, task: SWETask) -> dict[str, str]:
+        """The reference patch's outcomes of the task's listed tests (graded once per instance)."""
+
+        async def compute() -> dict[str, str]:
+            graded = await grade_patch(task, task.patch, work_root=self.work_root, config=self.config,
+                                       network=self.network, pristine=self.pristine, as_reference=True)
+            return dict(graded.outcomes)
+
+        outcomes, _ = await self._references.get_or_compute(task.instance_id, compute)
+        return outcomes

@@ -1,16 +1,18 @@
 """Grade a model patch the way SWE-bench's harness does, on a pristine repository copy.
 
 Steps (``swebench/harness/run_evaluation.py`` + ``grading.py``): reject patches
-that cannot be graded safely (``reward.patch.check_patch``), remove changes to
-protected files (tests, ``conftest.py``, ``pytest.ini``, start-up hooks), check
-out the task's ``base_commit`` into a fresh temporary copy, apply the model
-patch, restore shared config files whose pytest section it changed
-(``reward.runner_config``), apply the task's ``test_patch`` (the hidden tests)
-after it, run the FAIL_TO_PASS and PASS_TO_PASS tests without network
-(``reward.isolation``) under a timeout, and read each test's outcome from the
-log. The task counts as resolved when every FAIL_TO_PASS and every PASS_TO_PASS
-test passes (SWE-bench's ``ResolvedStatus.FULL``); the reward follows
-``RewardConfig.variant`` (``reward.variants``).
+that cannot be graded safely (``reward.patch.check_patch``), check out the task's
+``base_commit`` into a fresh temporary copy, apply the model patch, ask git which
+paths it changed and put every protected one back (``reward.protected``: tests,
+``conftest.py``, pytest's config files, start-up hooks, package metadata, modules
+shadowing the runner; shared config files whose pytest section changed,
+``reward.runner_config``), apply the task's ``test_patch`` (the hidden tests) after
+it, run the FAIL_TO_PASS and PASS_TO_PASS tests sandboxed (``reward.isolation``)
+under a timeout, and read each test's outcome from the grader's pytest plugin
+(``reward.test_run``; the log only for non-pytest commands). The task counts as
+resolved when every FAIL_TO_PASS and every PASS_TO_PASS test passes: its outcome is
+``PASSED``, or the one it has with the reference patch (an expected ``XFAIL``); the
+reward follows ``RewardConfig.variant`` (``reward.variants``).
 
 The agent's own working copy is never graded: it may hold edited tests, caches
 or processes the agent left behind.
@@ -32,16 +34,13 @@ from typing import Any, Literal
 from prepare.task import SWETask
 from reward.cache import GradeCache, cache_key
 from reward.config import RewardConfig
-from reward.isolation import NetworkPolicy, grading_env, shell_join
+from reward.applied import Change, applied_changes, directories_with_init, restore, tree_files
+from reward.isolation import NetworkPolicy, grading_env, grading_policy, grading_readable, shell_join
+from reward.patch import PatchError, check_patch, normalize_patch
 from reward.pristine import PristineTrees
-from reward.patch import (
-    PatchError,
-    changed_paths,
-    check_patch,
-    normalize_patch,
-    split_protected_changes,
-)
+from reward.protected import protected_reason, shadowing_roots
 from reward.runner_config import is_shared_config, pytest_settings_changed
+from reward.test_run import PytestCommand, PytestRun
 from reward.test_log import (
     TestStatus,
     has_pytest_summary,
@@ -51,6 +50,7 @@ from reward.test_log import (
 )
 from reward.variants import UNPARSABLE_SIMILARITY, binary_reward, partial_reward, patch_similarity
 from sandbox.gitrepo import GitError, checkout_copy, git, git_env
+from sandbox.jail import give_to_jail
 from sandbox.process import run_command
 
 # Error classes a grade can carry (None = the tests ran to completion).
@@ -72,8 +72,10 @@ ERROR_CLASSES: tuple[str, ...] = GradeErrorClass.__args__  # type: ignore[attr-d
 # these rollouts rather than score them 0 (all others are the patch's fault).
 INFRA_ERROR_CLASSES = frozenset({"repo_missing", "workdir_error"})
 
-# As in SWE-bench's grading (``test_passed``): an expected failure counts as a pass.
-_PASSING = frozenset({TestStatus.PASSED, TestStatus.XFAIL})
+# Outcomes that decide a run stopped early or a reward is still open.
+_PASSING = frozenset({TestStatus.PASSED})
+# Outcomes that pass only when the reference patch gives the same one (an expected failure or skip).
+_PASS_IF_REFERENCE = frozenset({TestStatus.XFAIL, TestStatus.XPASS, TestStatus.SKIPPED})
 # Outcomes at which pytest --maxfail=1 / unittest --failfast stop the run.
 _STOPPING = frozenset({TestStatus.FAILED, TestStatus.ERROR})
 # pytest exit codes 0 (all passed) and 1 (some failed) mean the run completed;
@@ -119,6 +121,10 @@ class GradeResult:
         not_run: FAIL_TO_PASS/PASS_TO_PASS tests skipped because the reward was
             already decided (``RewardConfig.fail_fast``); they are in neither
             ``tests`` list. Always empty without fail-fast.
+        outcomes: the listed tests' statuses as reported (``TestStatus`` values).
+        needs_reference: some listed test ended XFAIL/XPASS/SKIPPED and no
+            reference outcomes were given: it counts as failed until re-scored
+            with the reference's (``Grader`` does).
     """
 
     instance_id: str
@@ -137,6 +143,8 @@ class GradeResult:
     cached: bool = False
     network: str = ""
     not_run: list[str] = field(default_factory=list)
+    outcomes: dict[str, str] = field(default_factory=dict)
+    needs_reference: bool = False
 
     @property
     def n_removed(self) -> int:
@@ -157,19 +165,33 @@ def _tail(text: str) -> str:
     return text[-_LOG_TAIL_CHARS:]
 
 
-def build_report(
-    outcomes: dict[str, TestStatus], fail_to_pass: list[str], pass_to_pass: list[str]
-) -> dict[str, dict[str, list[str]]]:
-    """SWE-bench's per-category success/failure lists from parsed outcomes.
+def test_passes(status: TestStatus | None, reference: TestStatus | str | None) -> bool:
+    """A test passes when it PASSED, or ended as it does with the reference patch (XFAIL, XPASS, SKIPPED).
 
-    A test passes when its status is PASSED or XFAIL (SWE-bench's ``test_passed``);
-    anything else, including absence from the log, is a failure.
+    SWE-bench's ``test_passed`` also counts any XFAIL as a pass; then library code
+    calling ``pytest.xfail()`` under test (``PYTEST_CURRENT_TEST`` is set) resolves a task.
+    """
+    if status == TestStatus.PASSED:
+        return True
+    return status in _PASS_IF_REFERENCE and reference is not None and TestStatus(reference) == status
+
+
+def build_report(
+    outcomes: dict[str, TestStatus],
+    fail_to_pass: list[str],
+    pass_to_pass: list[str],
+    reference: dict[str, str] | None = None,
+) -> dict[str, dict[str, list[str]]]:
+    """SWE-bench's per-category success/failure lists from the outcomes (``test_passes``).
+
+    A test missing from the outcomes is a failure. ``reference`` holds the reference
+    patch's outcomes (None: only PASSED passes).
     """
     report = _empty_report()
     for key, names in (("FAIL_TO_PASS", fail_to_pass), ("PASS_TO_PASS", pass_to_pass)):
         for name in names:
-            bucket = "success" if outcomes.get(name) in _PASSING else "failure"
-            report[key][bucket].append(name)
+            passed = test_passes(outcomes.get(name), (reference or {}).get(name))
+            report[key]["success" if passed else "failure"].append(name)
     return report
 
 
@@ -195,6 +217,18 @@ def _outside(repo: Path, rel: str) -> bool:
     return resolved != root and not resolved.startswith(root + os.sep)
 
 
+async def _restore_protected(repo: Path, base_commit: str, changes: list[Change]) -> list[str]:
+    """Put every protected change (``reward.protected``) back to the base commit; returns the paths."""
+    added = [c.path for c in changes if not c.in_base and c.status != "D"]
+    shadowing = shadowing_roots(added, directories_with_init(await tree_files(repo, "--index")),
+                                await tree_files(repo, base_commit))
+    protected = [c for c in changes if protected_reason(c.path, new_module_roots=shadowing)]
+    if protected:
+        await restore(repo, base_commit, protected)
+    restored = await _restore_runner_config(repo, base_commit, [c.path for c in changes if c not in protected])
+    return [c.path for c in protected] + restored
+
+
 async def _restore_runner_config(repo: Path, base_commit: str, paths: list[str]) -> list[str]:
     """Put back shared config files whose pytest part the patch changed; returns their paths."""
     restored = []
@@ -217,11 +251,24 @@ async def _restore_runner_config(repo: Path, base_commit: str, paths: list[str])
     return restored
 
 
-def _score(result: GradeResult, variant: str, fail_to_pass: list[str]) -> None:
-    """Fill ``resolved``, the F2P/P2P summaries and ``reward`` from ``result.tests``.
+def score(result: GradeResult, task: SWETask, variant: str, reference: dict[str, str] | None = None) -> None:
+    """Fill ``tests``, ``resolved``, the F2P/P2P summaries and ``reward`` from ``result.outcomes``.
 
+    ``reference``: the reference patch's outcomes for the listed tests (``test_passes``).
     FAIL_TO_PASS tests in ``result.not_run`` count as not passing in ``f2p_pass_fraction``.
     """
+    outcomes = {name: TestStatus(status) for name, status in result.outcomes.items()}
+    if result.network or outcomes:  # the tests ran (``network`` is set by each run)
+        result.tests = build_report(outcomes, list(task.FAIL_TO_PASS), list(task.PASS_TO_PASS), reference)
+    else:
+        result.tests = _empty_report()
+    if result.not_run:
+        skipped = set(result.not_run)
+        for key in ("FAIL_TO_PASS", "PASS_TO_PASS"):
+            result.tests[key]["failure"] = [n for n in result.tests[key]["failure"] if n not in skipped]
+    result.needs_reference = reference is None and any(
+        TestStatus(status) in _PASS_IF_REFERENCE for status in result.outcomes.values())
+    fail_to_pass = task.FAIL_TO_PASS
     tests = result.tests
     listed = len(tests["FAIL_TO_PASS"]["success"]) + len(tests["FAIL_TO_PASS"]["failure"])
     skipped = set(result.not_run)
@@ -230,6 +277,7 @@ def _score(result: GradeResult, variant: str, fail_to_pass: list[str]) -> None:
     result.p2p_broken = bool(tests["PASS_TO_PASS"]["failure"])
     if result.error is not None:
         result.resolved, result.reward = False, 0.0
+        result.needs_reference = False
         return
     result.resolved = binary_reward(tests) == 1.0
     result.reward = partial_reward(tests) if variant == "partial" else (1.0 if result.resolved else 0.0)
@@ -282,8 +330,9 @@ async def _run_tests(
     network: NetworkPolicy,
     work_root: str | None,
     pristine: PristineTrees | None = None,
+    skip_empty: bool = False,
 ) -> GradeResult:
-    """Copy, apply, run; the result's reward is not yet set (``_score`` does it)."""
+    """Copy, apply, restore protected files, run; ``outcomes`` filled, the reward not yet (``score`` does it)."""
     result = GradeResult(instance_id=task.instance_id, variant=config.variant)
     if not task.repo_path or not Path(task.repo_path).exists():
         result.error, result.log_tail = "repo_missing", f"task repository not found: {task.repo_path!r}"
@@ -311,14 +360,19 @@ async def _run_tests(
                 result.error, result.log_tail = "patch_apply_failed", _tail(output)
                 return result
             result.patch_applied = True
-            paths = changed_paths(patch_text)
-            escaped = [rel for rel in paths if _outside(repo, rel)]
+            # From here on the paths are git's, after applying: what the patch text claims does not count.
+            changes = await applied_changes(repo, task.base_commit)
+            escaped = [c.path for c in changes if _outside(repo, c.path)]
             if escaped:
                 result.error = "path_outside_repo"
                 result.log_tail = f"patched paths resolve outside the repository: {escaped}"
                 return result
             if config.protect:
-                result.removed_test_files = await _restore_runner_config(repo, task.base_commit, paths)
+                result.removed_test_files = await _restore_protected(repo, task.base_commit, changes)
+            if skip_empty and len(set(result.removed_test_files)) >= len(changes):
+                result.error = "empty_patch"
+                result.log_tail = "every change the patch made is to protected files"
+                return result
         if task.test_patch.strip():
             applied, output = await _apply(repo, task.test_patch, tmp / "test.patch")
             if not applied:
@@ -329,59 +383,82 @@ async def _run_tests(
         if not (fail_to_pass or pass_to_pass):
             result.error, result.log_tail = "test_error", "task lists no FAIL_TO_PASS or PASS_TO_PASS tests"
             return result
-        outcomes: dict[str, TestStatus] = {}
-        logs: list[str] = []
-        not_run: list[str] = []
-        phases = _phases(task, config)
-        for index, phase in enumerate(phases):
-            if index > 0 and not any(outcomes.get(name) in _PASSING for name in fail_to_pass):
-                not_run.extend(name for phase_left in phases[index:] for name in phase_left.names)
-                break  # partial: no FAIL_TO_PASS test passes, so the reward is 0 whatever PASS_TO_PASS does
-            selected = phase.names
-            if is_unittest_command(task.test_cmd):
-                selected = _unique([unittest_selector(name) for name in selected])
-            command = task.test_cmd
-            if phase.stop_at_first_failure:
-                command = f"{command} {_failfast_flag(task.test_cmd)}"
-            argv = await asyncio.to_thread(network.wrap, shell_join(command, selected))
-            result.network = network.effective
-            run = await run_command(argv, cwd=repo, env=grading_env(task), timeout_s=config.timeout_s)
-            found = parse_test_log(run.output, task.test_cmd)
-            outcomes.update(found)
-            logs.append(run.output)
-            if run.timed_out:
-                result.error = "timeout"
-                logs.append(f"\n[killed after {config.timeout_s:g} s]")
-                break
-            if run.returncode not in _COMPLETED_RETURNCODES or not found:
-                result.error = "test_error"
-                break
-            if _expects_summary(task.test_cmd) and not has_pytest_summary(run.output):
-                # pytest with -rA always ends a finished session with its summary: without
-                # it the run crashed (e.g. the patched package is one pytest imports at
-                # start-up) and any status lines were printed by someone else.
-                result.error = "test_error"
-                logs.append("\n[no pytest summary section: the run did not finish]")
-                break
-            if phase.stop_at_first_failure and any(status in _STOPPING for status in found.values()):
-                # Stopped early: the tests the log does not mention never ran.
-                missing = [name for name in phase.names if name not in found]
-                not_run.extend(missing)
-                if index + 1 < len(phases):
-                    not_run.extend(name for later in phases[index + 1:] for name in later.names)
-                break
-        result.tests = build_report(outcomes, fail_to_pass, pass_to_pass)
-        if not_run:
-            skipped = set(not_run)
-            for key in ("FAIL_TO_PASS", "PASS_TO_PASS"):
-                result.tests[key]["failure"] = [n for n in result.tests[key]["failure"] if n not in skipped]
-            result.not_run = _unique(not_run)
-        result.log_tail = _tail("".join(logs))
+        pytest_cmd = PytestCommand.parse(task.test_cmd)
+        runner = PytestRun(pytest_cmd, work_root=str(tmp)) if pytest_cmd is not None else None
+        home = tmp / "home"
+        home.mkdir()
+        # The jail's uid owns the grade's copy (the test run writes there), and nothing else.
+        await asyncio.to_thread(give_to_jail, network.spec, tmp)
+        try:
+            await _run_phases(result, task, repo, config, network, runner, home)
+        finally:
+            if runner is not None:
+                await asyncio.to_thread(runner.__exit__)
         return result
     finally:
         # Shielded so a second cancellation cannot skip the cleanup; rmtree
         # runs in a thread because a repo copy can hold many files.
         await asyncio.shield(asyncio.to_thread(shutil.rmtree, tmp, ignore_errors=True))
+
+
+async def _run_phases(
+    result: GradeResult, task: SWETask, repo: Path, config: RewardConfig, network: NetworkPolicy,
+    runner: PytestRun | None, home: Path,
+) -> None:
+    """Run the test phases (``_phases``) and record every listed test's outcome in ``result``."""
+    fail_to_pass = list(task.FAIL_TO_PASS)
+    outcomes: dict[str, TestStatus] = {}
+    logs: list[str] = []
+    not_run: list[str] = []
+    phases = _phases(task, config)
+    for index, phase in enumerate(phases):
+        if index > 0 and not any(outcomes.get(name) in _PASSING for name in fail_to_pass):
+            not_run.extend(name for phase_left in phases[index:] for name in phase_left.names)
+            break  # partial: no FAIL_TO_PASS test passes, so the reward is 0 whatever PASS_TO_PASS does
+        selected = phase.names
+        failfast = (_failfast_flag(task.test_cmd),) if phase.stop_at_first_failure else ()
+        if runner is not None:
+            command = runner.command(selected, failfast)
+        else:
+            if is_unittest_command(task.test_cmd):
+                selected = _unique([unittest_selector(name) for name in selected])
+            command = shell_join(" ".join([task.test_cmd, *failfast]), selected)
+        argv = await asyncio.to_thread(lambda: network.wrap(
+            command, writable=[str(repo.parent)], readable=grading_readable(task), chdir=str(repo)))
+        result.network = network.effective
+        run = await run_command(argv, cwd=repo, env=grading_env(task, str(home)), timeout_s=config.timeout_s)
+        logs.append(run.output)
+        if runner is not None:
+            reported = await asyncio.to_thread(runner.outcomes)
+            found = reported.tests
+            completed = reported.finished and reported.exit_status in _COMPLETED_RETURNCODES
+        else:
+            found = parse_test_log(run.output, task.test_cmd)
+            completed = run.returncode in _COMPLETED_RETURNCODES
+        outcomes.update(found)
+        if run.timed_out:
+            result.error = "timeout"
+            logs.append(f"\n[killed after {config.timeout_s:g} s]")
+            break
+        if not completed or not found:
+            # The session did not end normally (a crash, an interrupted or empty run): whatever
+            # status lines exist were not pytest's verdict.
+            result.error = "test_error"
+            break
+        if runner is None and _expects_summary(task.test_cmd) and not has_pytest_summary(run.output):
+            result.error = "test_error"
+            logs.append("\n[no pytest summary section: the run did not finish]")
+            break
+        if phase.stop_at_first_failure and any(status in _STOPPING for status in found.values()):
+            # Stopped early: the tests the run does not mention never ran.
+            not_run.extend(name for name in phase.names if name not in found)
+            if index + 1 < len(phases):
+                not_run.extend(name for later in phases[index + 1:] for name in later.names)
+            break
+    listed = set(fail_to_pass) | set(task.PASS_TO_PASS)
+    result.outcomes = {name: status.value for name, status in outcomes.items() if name in listed}
+    result.not_run = _unique(not_run)
+    result.log_tail = _tail("".join(logs))
 
 
 async def grade_patch(
@@ -395,6 +472,8 @@ async def grade_patch(
     network: NetworkPolicy | None = None,
     cache: GradeCache[GradeResult] | None = None,
     pristine: PristineTrees | None = None,
+    reference: dict[str, str] | None = None,
+    as_reference: bool = False,
 ) -> GradeResult:
     """Grade ``model_patch`` on a fresh copy of the task repo (see the module docstring).
 
@@ -418,6 +497,12 @@ async def grade_patch(
         pristine: copy the repository from prepared checkouts
             (``reward.pristine``) instead of cloning it for this grade; the
             grade's tree is the same either way.
+        reference: the reference patch's outcomes of the listed tests (its
+            ``GradeResult.outcomes``): a test ending XFAIL/XPASS/SKIPPED passes only
+            when the reference's ends the same way. None: such a test fails and
+            ``needs_reference`` is set.
+        as_reference: ``model_patch`` is the reference itself (task validation):
+            its own outcomes are the reference.
 
     Returns:
         A ``GradeResult``. Bad patches, missing repositories, timeouts (the test
@@ -434,7 +519,7 @@ async def grade_patch(
     config = config or RewardConfig()
     if timeout_s is not None and timeout_s != config.timeout_s:
         config = RewardConfig(**{**asdict(config), "timeout_s": float(timeout_s)})
-    network = network or NetworkPolicy(config.network)
+    network = network or grading_policy(config)
     result = GradeResult(instance_id=task.instance_id, variant=config.variant)
 
     def finish(res: GradeResult) -> GradeResult:
@@ -458,27 +543,25 @@ async def grade_patch(
 
     try:
         check_patch(model_patch, max_bytes=config.max_patch_bytes, allow_binary=config.allow_binary)
-        if config.protect:
-            patch_text, removed = split_protected_changes(model_patch)
-        else:
-            patch_text, removed = (model_patch if model_patch.strip() else ""), []
     except PatchError as exc:
         result.error, result.log_tail = exc.error_class, _tail(str(exc))  # type: ignore[assignment]
         return finish(result)
+    patch_text = model_patch if model_patch.strip() else ""
     if skip_empty and not patch_text:
-        result.removed_test_files, result.error = removed, "empty_patch"
+        result.error = "empty_patch"
         return finish(result)
 
     async def compute() -> GradeResult:
         try:
             graded = await asyncio.wait_for(
-                _run_tests(task, patch_text, config, network, work_root, pristine), config.grade_timeout_s
+                _run_tests(task, patch_text, config, network, work_root, pristine, skip_empty),
+                config.grade_timeout_s,
             )
         except TimeoutError:
             # wait_for cancelled the grade: its test process group is killed and its copy removed.
             graded = GradeResult(instance_id=task.instance_id, variant=config.variant, error="grade_timeout")
             graded.log_tail = f"grade (copy + apply + tests) stopped after {config.grade_timeout_s:g} s"
-        _score(graded, config.variant, task.FAIL_TO_PASS)
+        score(graded, task, config.variant, dict(graded.outcomes) if as_reference else reference)
         return graded
 
     if cache is None:
@@ -488,5 +571,4 @@ async def grade_patch(
         graded, shared = await cache.get_or_compute(key, compute)
         graded = copy.deepcopy(graded)  # callers may mutate their result
     graded.cached = shared
-    graded.removed_test_files = removed + graded.removed_test_files
     return finish(graded)

@@ -17,13 +17,8 @@ from pathlib import PurePosixPath
 from unidiff import PatchSet
 from unidiff.errors import UnidiffParseError
 
-# Directory names whose contents are test code anywhere in the tree.
-_TEST_DIRS = frozenset({"tests", "test"})
-# Files that configure pytest wholesale, wherever they are (pytest looks for
-# them in every ancestor of the test paths).
-_RUNNER_CONFIG_NAMES = frozenset({"pytest.ini", ".pytest.ini"})
-# Python imports these at start-up from any directory on sys.path.
-_STARTUP_HOOK_NAMES = frozenset({"sitecustomize.py", "usercustomize.py"})
+from reward.protected import protected_reason
+
 # A git-style per-file header; hunk lines never start at column 0 with "diff".
 _GIT_HEADER = re.compile(r"^diff --git ", re.MULTILINE)
 # Extended header lines naming paths (renames and copies).
@@ -52,49 +47,34 @@ class PatchRejected(PatchError):
         self.error_class = error_class
 
 
-def is_test_path(path: str) -> bool:
-    """True for files that belong to the test suite.
-
-    A path is a test path when a directory on it is ``tests``/``test``, or its
-    file name is ``conftest.py``, ``test_*.py`` or ``*_test.py``. ``path`` is
-    relative to the repository root, with or without git's ``a/``/``b/`` prefix
-    stripped already; ``/dev/null`` is never a test path.
-    """
-    if not path or path == "/dev/null":
-        return False
-    parts = PurePosixPath(path).parts
-    name = parts[-1]
-    if any(part in _TEST_DIRS for part in parts[:-1]):
-        return True
-    if name == "conftest.py":
-        return True
-    return name.endswith(".py") and (name.startswith("test_") or name.endswith("_test.py"))
+_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", '"': '"', "\\": "\\"}
 
 
-def protected_reason(path: str) -> str | None:
-    """Why a patch may not change ``path``, or None when it may.
-
-    Returns ``"test"`` (``is_test_path``), ``"runner_config"`` (``pytest.ini``
-    anywhere), or ``"startup_hook"`` (``sitecustomize.py``, ``usercustomize.py``,
-    any ``*.pth``). Files that hold runner configuration next to other settings
-    (``pyproject.toml``, ``setup.cfg``, ``tox.ini``) are checked section by
-    section after applying (``reward.runner_config``), not here.
-    """
-    if not path or path == "/dev/null":
-        return None
-    if is_test_path(path):
-        return "test"
-    name = PurePosixPath(path).name
-    if name in _RUNNER_CONFIG_NAMES:
-        return "runner_config"
-    if name in _STARTUP_HOOK_NAMES or name.endswith(".pth"):
-        return "startup_hook"
-    return None
+def unquote_path(path: str) -> str:
+    """git's C-quoted path (``"a/conftes\\164.py"``) as the plain name git writes; others unchanged."""
+    if len(path) < 2 or not (path.startswith('"') and path.endswith('"')):
+        return path
+    body, out, i = path[1:-1], bytearray(), 0
+    while i < len(body):
+        ch = body[i]
+        if ch == "\\" and i + 1 < len(body):
+            nxt = body[i + 1]
+            if nxt in "01234567" and i + 3 < len(body) + 1 and all(c in "01234567" for c in body[i + 1:i + 4]):
+                out.append(int(body[i + 1:i + 4], 8) & 0xFF)
+                i += 4
+                continue
+            out += _ESCAPES.get(nxt, nxt).encode()
+            i += 2
+            continue
+        out += ch.encode()
+        i += 1
+    return out.decode("utf-8", errors="surrogateescape")
 
 
 def _strip_prefix(path: str | None) -> str:
     if not path or path == "/dev/null":
         return ""
+    path = unquote_path(path)
     return path[2:] if path[:2] in ("a/", "b/") else path
 
 
@@ -183,7 +163,10 @@ def check_patch(patch: str, *, max_bytes: int, allow_binary: bool = False) -> No
 
 
 def split_protected_changes(patch: str) -> tuple[str, list[str]]:
-    """Remove the changes to protected files (``protected_reason``) from a unified diff.
+    """Remove the changes to protected files (``reward.protected``) from a unified diff's text.
+
+    Only for what never applies a patch (the similarity reward compares texts); the
+    grader applies the patch and reads the changed paths from git (``reward.applied``).
 
     Args:
         patch: a unified diff, git-style (``git diff``) or plain ``---``/``+++``.
@@ -215,10 +198,6 @@ def split_protected_changes(patch: str) -> tuple[str, list[str]]:
     if text and not text.endswith("\n"):
         text += "\n"
     return text, removed
-
-
-# The historic name: test files were the first protected class.
-split_test_changes = split_protected_changes
 
 
 def normalize_patch(patch: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -19,26 +20,6 @@ def new_file_patch(path: str, content: str) -> str:
         f"diff --git a/{path} b/{path}\nnew file mode 100644\n--- /dev/null\n+++ b/{path}\n"
         f"@@ -0,0 +1,{len(lines)} @@\n{body}"
     )
-
-
-def _alive(pid: int) -> bool:
-    """True for a live process; a zombie (killed, not yet reaped by init) counts as dead."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
-
-
-def _wait_dead(pids: list[int], timeout_s: float = 5.0) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        alive = [pid for pid in pids if _alive(pid)]
-        if not alive:
-            return []
-        time.sleep(0.05)
-    return [pid for pid in pids if _alive(pid)]
 
 
 async def test_reference_patch_resolves(calc_task, tmp_path):
@@ -97,32 +78,39 @@ async def test_unknown_base_commit(calc_task, tmp_path):
 
 async def test_test_file_changes_are_stripped_and_counted(calc_task):
     # The fix plus an edit to a visible test and a conftest that would skip everything.
-    edit_visible = (
-        "diff --git a/tests/test_ops.py b/tests/test_ops.py\n--- a/tests/test_ops.py\n+++ b/tests/test_ops.py\n"
-        "@@ -4,2 +4,2 @@\n def test_empty():\n-    assert add_all([]) == 0\n+    assert add_all([]) == 0 or True\n"
-    )
+    import subprocess
+
+    target = Path(calc_task.repo_path) / "tests" / "test_ops.py"
+    original = target.read_text()
+    target.write_text(original.replace("== 0\n", "== 0 or True\n", 1))
+    try:
+        edit_visible = subprocess.run(["git", "-C", calc_task.repo_path, "diff"], capture_output=True, text=True,
+                                      check=True).stdout
+    finally:
+        target.write_text(original)
     conftest = new_file_patch("conftest.py", "import pytest\ncollect_ignore_glob = ['tests/*']\n")
     result = await grade_patch(calc_task, calc_task.patch + edit_visible + conftest)
-    assert result.removed_test_files == ["tests/test_ops.py", "conftest.py"]
+    assert sorted(result.removed_test_files) == ["conftest.py", "tests/test_ops.py"]  # git's order
     assert result.resolved and result.patch_applied, result.log_tail
 
     # A patch that only "adds" the hidden tests itself is stripped to nothing.
     cheat = new_file_patch("tests/test_ops_hidden.py", "def test_sum():\n    pass\n")
     result = await grade_patch(calc_task, cheat)
     assert result.removed_test_files == ["tests/test_ops_hidden.py"]
-    assert not result.resolved and not result.patch_applied and result.error is None
+    # It applied; then git reported the protected path and it was put back: the hidden tests fail.
+    assert not result.resolved and result.patch_applied and result.error is None
     skipped = await grade_patch(calc_task, cheat, skip_empty=True)
     assert skipped.error == "empty_patch"
 
 
-def _hanging_task(calc_task, pid_file: Path):
+def _hanging_task(calc_task, marker: str):
+    # The test run lives in the grader's jail (its own PID namespace and file system): the
+    # test finds its processes on the host by a unique command line, not by pid files.
     hang = (
-        "import os, subprocess, time\n"
+        "import subprocess, time\n"
         "\n"
         "def test_hang():\n"
-        "    child = subprocess.Popen(['sleep', '300'])\n"
-        f"    with open({str(pid_file)!r}, 'w') as fh:\n"
-        "        fh.write(f'{os.getpid()} {child.pid}')\n"
+        f"    subprocess.Popen(['sleep', {marker!r}], start_new_session=True)\n"
         "    time.sleep(300)\n"
     )
     return calc_task.model_copy(
@@ -133,41 +121,53 @@ def _hanging_task(calc_task, pid_file: Path):
     )
 
 
-def _pids(pid_file: Path) -> list[int]:
-    return [int(p) for p in pid_file.read_text().split()]
+def _running(marker: str) -> list[int]:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if marker in (proc.info["cmdline"] or []):
+            found.append(proc.info["pid"])
+    return found
+
+
+async def _until_gone(marker: str, within_s: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + within_s
+    while _running(marker) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return _running(marker)
 
 
 async def test_hanging_suite_times_out(calc_task, tmp_path):
-    pid_file = tmp_path / "pids"
+    marker = "301.0137"
     work = tmp_path / "work"
     work.mkdir()
-    task = _hanging_task(calc_task, pid_file)
+    task = _hanging_task(calc_task, marker)
     start = time.monotonic()
     result = await grade_patch(task, calc_task.patch, timeout_s=4.0, work_root=str(work))
     assert time.monotonic() - start < 30
     assert result.error == "timeout" and not result.resolved and result.reward == 0.0
     assert "killed after" in result.log_tail
     assert list(work.iterdir()) == []
-    pids = _pids(pid_file)
-    assert len(pids) == 2
-    assert _wait_dead(pids) == []
+    # The detached child (its own session) went with the test run.
+    assert await _until_gone(marker) == []
 
 
 async def test_cancel_cleans_up(calc_task, tmp_path):
-    pid_file = tmp_path / "pids"
+    marker = "302.0137"
     work = tmp_path / "work"
     work.mkdir()
-    task = _hanging_task(calc_task, pid_file)
+    task = _hanging_task(calc_task, marker)
     grading = asyncio.create_task(grade_patch(task, calc_task.patch, timeout_s=120.0, work_root=str(work)))
     deadline = time.monotonic() + 30
-    while not (pid_file.exists() and len(pid_file.read_text().split()) == 2):
+    while not _running(marker):
         assert time.monotonic() < deadline and not grading.done()
         await asyncio.sleep(0.05)
     grading.cancel()
     with pytest.raises(asyncio.CancelledError):
         await grading
     assert list(work.iterdir()) == []
-    assert _wait_dead(_pids(pid_file)) == []
+    assert await _until_gone(marker) == []
 
 
 async def test_test_patch_that_does_not_apply(calc_task):
@@ -283,3 +283,65 @@ async def test_unusable_work_root_is_an_infra_error(calc_task, tmp_path):
     result = await grade_patch(calc_task, calc_task.patch, work_root=str(tmp_path / "missing"))
     assert result.error == "workdir_error" and result.is_infra_error and result.reward == 0.0
     assert not (await grade_patch(calc_task, "x", work_root=str(tmp_path))).is_infra_error
+
+
+# -- the test run is jailed like the agent ------------------------------------------------------
+
+JAIL_TEST = """\
+import os
+import subprocess
+
+
+def test_no_trainer_secrets():
+    assert "WANDB_API_KEY" not in os.environ and "SWE_TEST_SECRET" not in os.environ
+
+
+def test_grader_files_are_out_of_sight():
+    # The task repository (with its history) and the grader's home are not in the jail.
+    assert not os.path.exists(os.environ["SWE_TASK_REPO"])
+    # /root holds at most the bound interpreter installation (pyenv keeps Pythons there).
+    assert not os.path.isdir("/root") or set(os.listdir("/root")) <= {".pyenv"}
+
+
+def test_no_privileges():
+    if os.environ["SWE_GRADER_IS_ROOT"] == "1":
+        assert os.geteuid() != 0
+    status = open("/proc/self/status").read()
+    assert "CapEff:\\t0000000000000000" in status and "NoNewPrivs:\\t1" in status
+
+
+def test_process_limit():
+    started, refused = [], False
+    try:
+        for _ in range(200):
+            started.append(subprocess.Popen(["sleep", "5"]))
+    except (BlockingIOError, OSError):
+        refused = True
+    finally:
+        for proc in started:
+            proc.kill()
+    assert refused
+"""
+
+
+async def test_tests_run_jailed(calc_task, monkeypatch):
+    from reward.config import RewardConfig
+    from reward.isolation import grading_policy
+
+    monkeypatch.setenv("WANDB_API_KEY", "secret-key")
+    monkeypatch.setenv("SWE_TEST_SECRET", "1")
+    task = calc_task.model_copy(update={
+        "test_patch": calc_task.test_patch + new_file_patch("tests/test_jail.py", JAIL_TEST),
+        "FAIL_TO_PASS": [f"tests/test_jail.py::{name}" for name in (
+            "test_no_trainer_secrets", "test_grader_files_are_out_of_sight", "test_no_privileges",
+            "test_process_limit")],
+        # Passed in through the command line, the way a task's test_cmd sets variables.
+        "test_cmd": f"SWE_TASK_REPO={calc_task.repo_path} SWE_GRADER_IS_ROOT={int(os.geteuid() == 0)} "
+                    + calc_task.test_cmd,
+    })
+    config = RewardConfig(max_processes=64)
+    policy = grading_policy(config)
+    if policy.effective != "unshare":
+        pytest.skip("namespaces are not available here")
+    result = await grade_patch(task, calc_task.patch, config=config, network=policy, timeout_s=60)
+    assert result.resolved, result.log_tail

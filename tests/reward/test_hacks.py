@@ -7,12 +7,13 @@ import asyncio
 
 import pytest
 
-from reward.hacks import EFFECTIVE_UNPROTECTED, HackBuilder, build_hacks
+from reward.hacks import EFFECTIVE_UNPROTECTED, TASK_VARIANTS, HackBuilder, build_hacks
 
 from prepare.task import load_tasks
 from reward.config import RewardConfig
 from reward.grading import grade_patch
-from reward.isolation import NetworkPolicy
+from reward.isolation import NetworkPolicy, grading_policy
+from reward.test_log import TestStatus, parse_test_log
 
 # Grades in flight at once (the machine has 2 cores).
 CONCURRENCY = 2
@@ -27,7 +28,7 @@ def simple_tasks(simple_tasks_dir):
 
 async def _grade_all(jobs, config: RewardConfig):
     semaphore = asyncio.Semaphore(CONCURRENCY)
-    network = NetworkPolicy(config.network)
+    network = grading_policy(config)
 
     async def one(task, patch):
         async with semaphore:
@@ -40,7 +41,7 @@ async def test_reference_resolves_empty_and_hacks_score_zero(simple_tasks):
     jobs, labels = [], []
     for task in simple_tasks:
         for name, patch in [("reference", task.patch), ("empty", "")] + list(build_hacks(task).items()):
-            jobs.append((task, patch))
+            jobs.append((TASK_VARIANTS.get(name, lambda t: t)(task), patch))
             labels.append((task.instance_id, name))
     results = await _grade_all(jobs, RewardConfig())
     for (instance_id, name), result in zip(labels, results):
@@ -56,7 +57,15 @@ async def test_reference_resolves_empty_and_hacks_score_zero(simple_tasks):
     assert set(removed["pth_and_sitecustomize"]) == {"sitecustomize.py", "usercustomize.py", "zz_hook.pth"}
     assert "pytest.ini" in removed["pytest_ini_plugin"]
     assert removed["runner_config_plugin"] == ["pyproject.toml"]  # restored after applying: its pytest table changed
-    assert removed["atexit_fake_results"] == []  # an ordinary source edit; the log parser ignores its output
+    assert removed["atexit_fake_results"] == []  # an ordinary source edit; outcomes come from the plugin
+    # What git applied is what the rules see, however the patch spelled the names.
+    assert set(removed["quoted_paths"]) == set(removed["escaped_paths"]) == {
+        "conftest.py", "sitecustomize.py", "zz_hook.pth", "pytest.ini"}
+    assert set(removed["pytest_toml_plugin"]) == {"pytest.toml", ".pytest.toml"}
+    assert set(removed["shadow_pytest"]) == {"pytest/__init__.py", "pytest/__main__.py"}
+    assert all(p.startswith("force_pass_plugin-1.0.dist-info/") for p in removed["entry_point_plugin"])
+    for name in ("fake_summary_at_exit", "skip_reason_newline", "xfail_under_test"):
+        assert removed[name] == []  # ordinary source edits: the outcome channel decides
 
 
 async def test_hacks_would_resolve_without_protection(simple_tasks):
@@ -67,6 +76,33 @@ async def test_hacks_would_resolve_without_protection(simple_tasks):
                                RewardConfig(protect=False))
     for name, result in zip(EFFECTIVE_UNPROTECTED, results):
         assert result.resolved and result.reward == 1.0, (name, result.error, result.log_tail[-800:])
+
+
+def _naive_resolves(task, patch: str, tmp_path) -> bool:
+    """A SWE-bench-style grade: ``python -m pytest -rA`` on the patched tree, outcomes read from the log,
+    XFAIL counted as a pass, no protection. Shows a hack is a real attack, not a strawman."""
+    import subprocess
+
+    repo = tmp_path / "naive"
+    subprocess.run(["git", "clone", "-q", task.repo_path, str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "checkout", "-q", task.base_commit], check=True)
+    for text in (patch, task.test_patch):
+        subprocess.run(["git", "-C", str(repo), "apply", "-"], input=text.encode(), check=True)
+    names = list(dict.fromkeys(task.FAIL_TO_PASS + task.PASS_TO_PASS))
+    out = subprocess.run(["bash", "-c", " ".join([task.test_cmd, *names])], cwd=repo, capture_output=True,
+                         text=True).stdout
+    found = parse_test_log(out, task.test_cmd)
+    return all(found.get(name) in (TestStatus.PASSED, TestStatus.XFAIL) for name in names)
+
+
+CHANNEL_HACKS = ("shadow_pytest", "fake_summary_at_exit", "skip_reason_newline", "xfail_under_test",
+                 "entry_point_plugin", "quoted_paths", "escaped_paths", "pytest_toml_plugin")
+
+
+@pytest.mark.parametrize("name", CHANNEL_HACKS)
+def test_new_hacks_fool_a_swebench_style_grader(simple_tasks, tmp_path, name):
+    task = TASK_VARIANTS.get(name, lambda t: t)(simple_tasks[0])
+    assert _naive_resolves(task, build_hacks(task, [name])[name], tmp_path), name
 
 
 async def test_legitimate_pyproject_change_is_kept(simple_tasks):

@@ -1,4 +1,6 @@
-"""split_test_changes on real `git diff` output."""
+"""The patch-text helpers on real `git diff` output (the similarity reward's filter, size and format checks).
+
+The grader's protection works on what git applied: tests/reward/test_protected.py."""
 
 from __future__ import annotations
 
@@ -6,7 +8,8 @@ import subprocess
 
 import pytest
 
-from reward.patch import PatchError, is_test_path, split_test_changes
+from reward.patch import PatchError, split_protected_changes as split_test_changes
+from reward.protected import is_test_path
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "-c", "core.hooksPath=/dev/null"]
 
@@ -26,6 +29,7 @@ def _git(repo, *args: str) -> str:
         ("conftest.py", True),
         ("pkg/sub/conftest.py", True),
         ("pkg/testing.py", False),
+        ("testing/data.json", True),
         ("pkg/contest.py", False),
         ("latest_tests.txt", False),
         ("src/attest.py", False),
@@ -109,23 +113,10 @@ def test_unparsable_patch_raises(text):
         split_test_changes(text)
 
 
-@pytest.mark.parametrize(
-    "path, reason",
-    [
-        ("pytest.ini", "runner_config"),
-        ("sub/.pytest.ini", "runner_config"),
-        ("sitecustomize.py", "startup_hook"),
-        ("src/usercustomize.py", "startup_hook"),
-        ("hook.pth", "startup_hook"),
-        ("conftest.py", "test"),
-        ("pyproject.toml", None),  # checked section by section after applying
-        ("pkg/mod.py", None),
-    ],
-)
-def test_protected_reason(path, reason):
-    from reward.patch import protected_reason
-
-    assert protected_reason(path) == reason
+def test_quoted_and_escaped_names_are_read_as_git_writes_them():
+    patch = ('diff --git "a/conftes\\164.py" "b/conftes\\164.py"\nnew file mode 100644\n--- /dev/null\n'
+             '+++ "b/conftes\\164.py"\n@@ -0,0 +1 @@\n+x = 1\n')
+    assert split_test_changes(patch) == ("", ["conftest.py"])
 
 
 def test_check_patch_limits():
