@@ -24,7 +24,13 @@ three modes, ``--concurrency`` grades in flight in each:
 
 Each mode is timed ``--repeats`` times in rotating order (the machine may be
 shared); prints the median wall times, both speedups over uncached, and checks
-that every mode gives every rollout the same reward. With a repeat fraction f,
+that every mode gives every rollout the same reward.
+
+``--compare-rev REV`` instead times the training mode (cache+fast) of this checkout
+against the same bench of git revision REV (checked out in a temporary worktree and run
+with this interpreter), alternating ``--repeats`` times on the same tasks and batch, and
+prints the per-rollout grading time of each and their ratio: what a change to the
+grader costs, measured in one run. With a repeat fraction f,
 the cache alone removes at most a fraction f of the test runs (bound 1 / (1 - f),
 2x at f = 0.5); the rest must come from cheaper unique grades.
 """
@@ -33,7 +39,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -129,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs of each mode, rotating order; the median is reported")
+    parser.add_argument("--compare-rev", default=None, help="time cache+fast against this git revision's grader")
+    parser.add_argument("--only-fast", action="store_true", help=argparse.SUPPRESS)  # one cache+fast run (compare)
     args = parser.parse_args(argv)
+    if args.compare_rev:
+        return compare_revision(args)
     if not 0 <= args.repeat_fraction < 1 or not 0 <= args.resolving_fraction <= 1:
         parser.error("--repeat-fraction must be in [0, 1) and --resolving-fraction in [0, 1]")
 
@@ -154,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
               f"({n_unique} distinct non-empty, {len(batch) - n_unique - n_empty} duplicates, {n_empty} empty); "
               f"concurrency {args.concurrency}")
 
+        if args.only_fast:
+            _, seconds, _ = asyncio.run(grade_cached(batch, args.concurrency, fast=True))
+            print(f"cache+fast-seconds {seconds:.4f} rollouts {len(batch)}")
+            return 0
         modes = ("uncached", "cache", "cache+fast")
         times: dict[str, list[float]] = {m: [] for m in modes}
         rewards: dict[str, list[float]] = {}
@@ -184,6 +200,46 @@ def main(argv: list[str] | None = None) -> int:
         resolved = sum(1 for r in rewards["cache"] if r == 1.0)
         print(f"rewards identical in all modes; {resolved}/{len(batch)} rollouts resolve, "
               f"mean reward {sum(rewards['cache']) / len(batch):.3f}")
+    return 0
+
+
+def compare_revision(args: argparse.Namespace) -> int:
+    """Alternate this checkout's cache+fast grading with ``args.compare_rev``'s (see the module docstring)."""
+    with tempfile.TemporaryDirectory(prefix="reward-compare-") as tmp:
+        tasks_dir = Path(args.tasks_dir) if args.tasks_dir else Path(tmp) / "simple"
+        if not args.tasks_dir:
+            subprocess.run(
+                [sys.executable, str(ROOT / "prepare" / "prepare_data.py"), "--mode", "simple", "--out", str(tasks_dir),
+                 "--num-tasks", str(args.num_tasks), "--seed", str(args.seed), "--no-progress"],
+                check=True, cwd=ROOT, capture_output=True)
+        old = Path(tmp) / "old"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(old), args.compare_rev],
+                       check=True, capture_output=True)
+        common = ["--num-tasks", str(args.num_tasks), "--rollouts", str(args.rollouts), "--concurrency",
+                  str(args.concurrency), "--repeat-fraction", str(args.repeat_fraction), "--resolving-fraction",
+                  str(args.resolving_fraction), "--seed", str(args.seed), "--tasks-dir", str(tasks_dir)]
+        times: dict[str, list[float]] = {"this": [], args.compare_rev: []}
+        try:
+            for i in range(max(1, args.repeats)):
+                for label in (list(times) if i % 2 == 0 else list(times)[::-1]):
+                    root = ROOT if label == "this" else old
+                    if label == "this":
+                        argv = [sys.executable, str(root / "bench" / "reward_throughput.py"), *common, "--only-fast"]
+                    else:  # the old bench has no --only-fast: time its whole run's cache+fast line
+                        argv = [sys.executable, str(root / "bench" / "reward_throughput.py"), *common, "--repeats", "1"]
+                    out = subprocess.run(argv, cwd=root, capture_output=True, text=True, check=True,
+                                         env={**os.environ, "PYTHONPATH": str(root)}).stdout
+                    found = re.search(r"cache\+fast-seconds ([0-9.]+)", out) or re.search(
+                        r"^cache\+fast:\s+([0-9.]+) s", out, re.MULTILINE)
+                    times[label].append(float(found.group(1)))
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], capture_output=True)
+        rollouts = args.num_tasks * args.rollouts
+        this, base = statistics.median(times["this"]), statistics.median(times[args.compare_rev])
+        print(f"cache+fast grading of {rollouts} rollouts, median of {args.repeats} alternating runs: "
+              f"this checkout {this:.2f} s ({1000 * this / rollouts:.0f} ms/rollout) {[round(t, 2) for t in times['this']]}, "
+              f"{args.compare_rev} {base:.2f} s ({1000 * base / rollouts:.0f} ms/rollout) "
+              f"{[round(t, 2) for t in times[args.compare_rev]]} -> ratio {this / base:.2f}x")
     return 0
 
 

@@ -138,6 +138,12 @@ class RewardSettings:
     fail_fast: bool = True
     # Limit for the whole grade of one rollout (repository copy, patch, test runs), seconds.
     grade_timeout_s: float = 600.0
+    # The test run's jail (sandbox/jail.py): uid when the trainer is root (null = uid 0 without
+    # capabilities), processes of that uid, address space per process (bytes), any file's size (bytes).
+    run_as_uid: int | None = 65534
+    max_processes: int = 1024
+    max_memory_bytes: int = 8589934592
+    max_file_bytes: int = 1073741824
 
     def to_reward_config(self):
         """The grader's config; test-file protection is always on in training."""
@@ -150,6 +156,10 @@ class RewardSettings:
             network=self.network,
             fail_fast=self.fail_fast,
             grade_timeout_s=self.grade_timeout_s,
+            run_as_uid=self.run_as_uid,
+            max_processes=self.max_processes,
+            max_memory_bytes=self.max_memory_bytes,
+            max_file_bytes=self.max_file_bytes,
         )
 
 

@@ -38,7 +38,7 @@ from reward.applied import Change, applied_changes, directories_with_init, resto
 from reward.isolation import NetworkPolicy, grading_env, grading_policy, grading_readable, shell_join
 from reward.patch import PatchError, check_patch, normalize_patch
 from reward.pristine import PristineTrees
-from reward.protected import protected_reason, shadowing_roots
+from reward.protected import protected_reason, shadowing_candidates, shadowing_roots
 from reward.runner_config import is_shared_config, pytest_settings_changed
 from reward.test_run import PytestCommand, PytestRun
 from reward.test_log import (
@@ -220,8 +220,12 @@ def _outside(repo: Path, rel: str) -> bool:
 async def _restore_protected(repo: Path, base_commit: str, changes: list[Change]) -> list[str]:
     """Put every protected change (``reward.protected``) back to the base commit; returns the paths."""
     added = [c.path for c in changes if not c.in_base and c.status != "D"]
-    shadowing = shadowing_roots(added, directories_with_init(await tree_files(repo, "--index")),
-                                await tree_files(repo, base_commit))
+    candidates = shadowing_candidates(added, lambda d: (repo / d / "__init__.py").is_file())
+    shadowing: frozenset[str] = frozenset()
+    if candidates:  # rare: only new modules named like the runner or the standard library
+        base_paths = await tree_files(repo, base_commit)
+        shadowing = shadowing_roots(list(candidates), directories_with_init(await tree_files(repo, "--index")),
+                                    base_paths)
     protected = [c for c in changes if protected_reason(c.path, new_module_roots=shadowing)]
     if protected:
         await restore(repo, base_commit, protected)

@@ -35,6 +35,7 @@ Rules (``protected_reason``):
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import PurePosixPath
 
 TEST_DIRS = frozenset({"tests", "test", "testing"})
@@ -109,35 +110,42 @@ def protected_reason(path: str, *, new_module_roots: frozenset[str] = frozenset(
     return None
 
 
-def shadowing_roots(added: list[str], has_init: set[str], base_paths: set[str]) -> frozenset[str]:
-    """The added files that put a runner or standard-library name on a ``sys.path`` directory.
+def shadowing_candidates(added: list[str], is_package: Callable[[str], bool]) -> dict[str, str]:
+    """Added files that would put a runner or standard-library name on a ``sys.path`` directory.
 
     Args:
         added: repository-relative paths the patch creates (files).
-        has_init: directories (repository-relative, ``""`` = the root) holding an ``__init__.py``
-            after the patch.
-        base_paths: every file path at the base commit (a module the task already has is its code).
+        is_package: whether a repository-relative directory (``""`` = the root) holds an
+            ``__init__.py`` after the patch.
 
     Returns:
-        The paths of those added files (a package's every file counts).
+        ``{added path: the module's own path}`` (``json.py``, ``src/pytest``): the module
+        shadows only if that path did not exist at the base commit (the task's own code).
     """
-    base_dirs = {str(PurePosixPath(p).parent) for p in base_paths}
-    found: set[str] = set()
+    found: dict[str, str] = {}
     for path in added:
-        pure = PurePosixPath(path)
-        parts = pure.parts
-        # Walk up from the file: the first directory without __init__.py is the sys.path candidate.
+        parts = PurePosixPath(path).parts
+        # Walk up from the file: the first directory without __init__.py is where a sys.path entry may point.
         for depth in range(len(parts) - 1, -1, -1):
-            parent = str(PurePosixPath(*parts[:depth])) if depth else "."
-            parent_key = "" if parent == "." else parent
-            if parent_key in has_init:
+            parent = str(PurePosixPath(*parts[:depth])) if depth else ""
+            if depth and is_package(parent):
                 continue
-            # parts[depth] is the top-level name as seen from `parent` on sys.path.
             head = parts[depth]
             module = top_level_module(head) if depth == len(parts) - 1 else head.lower()
             if module in SHADOWED_NAMES:
-                existing = str(PurePosixPath(parent_key, head)) if parent_key else head
-                if existing not in base_paths and existing not in base_dirs:
-                    found.add(path)
+                found[path] = str(PurePosixPath(parent, head)) if parent else head
             break
-    return frozenset(found)
+    return found
+
+
+def shadowing_roots(added: list[str], has_init: set[str], base_paths: set[str]) -> frozenset[str]:
+    """The added files that shadow a runner or standard-library module (``shadowing_candidates``).
+
+    Args:
+        added: repository-relative paths the patch creates (files).
+        has_init: directories (repository-relative, ``""`` = the root) holding an ``__init__.py``.
+        base_paths: every file path at the base commit.
+    """
+    base_dirs = {str(parent) for p in base_paths for parent in PurePosixPath(p).parents}
+    candidates = shadowing_candidates(added, lambda d: d in has_init)
+    return frozenset(path for path, module in candidates.items() if module not in base_paths | base_dirs)
