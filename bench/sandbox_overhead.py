@@ -15,14 +15,21 @@
 
 Prints mean seconds per item and ratios (against concurrency 1, against the
 ``clone`` method, and against seed 001's 26.5 s mean container start).
+
+``--compare-rev REV`` instead times the whole ``policy=empty`` rollout of this checkout
+against git revision REV's (checked out in a temporary worktree, run with this venv),
+alternating the two ``--reps`` times at each concurrency, and prints the median ratio:
+how a change moved the fixed cost, measured in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,6 +147,32 @@ async def bench_fixed(task: SWETask, data: str, levels: list[int], work: Path) -
     return out
 
 
+def compare_revision(args: argparse.Namespace, levels: list[int]) -> int:
+    """Alternate this checkout's ``policy=empty`` rollouts with ``args.compare_rev``'s (module docstring)."""
+    with tempfile.TemporaryDirectory(prefix="bench-sandbox-compare-") as tmp:
+        old = Path(tmp) / "old"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(old), args.compare_rev],
+                       check=True, capture_output=True)
+        try:
+            for c in levels:
+                times: dict[str, list[float]] = {"this": [], args.compare_rev: []}
+                for i in range(args.reps):
+                    for label in (list(times) if i % 2 == 0 else list(times)[::-1]):
+                        root = ROOT if label == "this" else old
+                        out = Path(tmp) / f"out-{label}-{c}-{i}"
+                        subprocess.run([sys.executable, "-m", "recipe.rollout", f"data={args.data}", "policy=empty",
+                                        f"concurrency={c}", f"n={c}", "limit=1", f"out_dir={out}"], cwd=root,
+                                       check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(root)})
+                        times[label].append(json.loads((out / "summary.json").read_text())["all"]["mean_total_s"])
+                this, base = statistics.median(times["this"]), statistics.median(times[args.compare_rev])
+                print(f"policy=empty rollout c={c:3d}: this checkout {this:6.2f} s {[round(t, 2) for t in times['this']]}"
+                      f"  {args.compare_rev} {base:6.2f} s {[round(t, 2) for t in times[args.compare_rev]]}"
+                      f"  -> this/{args.compare_rev} {this / base:5.2f}x (median of {args.reps} alternating runs)")
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], capture_output=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(ROOT / "data/simple/test.parquet"))
@@ -147,8 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--large-files", type=int, default=3000)
     ap.add_argument("--large-mb", type=int, default=60)
+    ap.add_argument("--compare-rev", default=None, help="time policy=empty rollouts against this git revision")
     args = ap.parse_args(argv)
     from recipe.rollout import read_rows
+
+    if args.compare_rev:
+        return compare_revision(args, [int(x) for x in args.concurrency.split(",")])
 
     task = SWETask.from_extra_info(read_rows(args.data, 1)[0]["extra_info"])
     levels = [int(x) for x in args.concurrency.split(",")]

@@ -29,6 +29,9 @@ class Policy(str, Enum):
     a group (verl's ``session_id``, the rollout CLI's repeat index) plays reference,
     empty and stall (no-op commands until the step limit: a masked ``step_limit``
     exit) in turn, so the trainer's rewards, masks and advantages can be checked.
+    ``script``: the bash commands of a user-given file (``swe_agent.script``, one per line;
+    blank lines and lines starting with ``#`` skipped) through the agent, proxy, sandbox and
+    grader, then submit: for debugging an environment or re-running an attack.
     """
 
     MODEL = "model"
@@ -36,6 +39,7 @@ class Policy(str, Enum):
     EMPTY = "empty"
     REFERENCE_WITH_TESTS = "reference_with_tests"
     GROUP_CHECK = "group_check"
+    SCRIPT = "script"
 
 
 @dataclass
@@ -74,6 +78,10 @@ class AgentSettings:
     rollout_timeout_s: float = 1800.0
     # Attempts per LLM request in the agent (mini-swe-agent defaults to 10 with 4-60 s backoff).
     llm_retry_attempts: int = 1
+    # A command's observation keeps this many bytes of its output (the rest is counted, not kept).
+    max_output_bytes: int = 65536
+    # The rollout ends as agent_error when the work tree grows past this many bytes; 0 = no check.
+    max_workdir_bytes: int = 1073741824
 
 
 @dataclass
@@ -85,11 +93,23 @@ class SandboxSettings:
     parent_dir: str | None = None
     # "auto" (bubblewrap when it works here, else unisolated with a warning), "bwrap" (required), "none".
     isolation: str = "auto"
-    # Extra host paths the agent must not see under bwrap (e.g. the task data directory);
-    # the sandbox parent and the task repo's parent are always hidden.
-    hide_paths: list[str] = field(default_factory=list)
+    # The jail of the agent's commands (sandbox/jail.py): uid when the trainer runs as root,
+    # processes of that uid, address space per process (bytes), any file's size (bytes), /tmp (bytes).
+    run_as_uid: int = 65534
+    max_processes: int = 1024
+    max_memory_bytes: int = 8589934592
+    max_file_bytes: int = 1073741824
+    tmp_bytes: int = 536870912
     # Resource shim (sandbox.shim.ShimSettings fields); off unless `enabled: true` and a cgroup root exists.
     shim: dict[str, Any] = field(default_factory=dict)
+
+    def jail_spec(self):
+        """The jail of the agent's commands (``sandbox.jail.JailSpec``)."""
+        from sandbox.jail import JailSpec
+
+        return JailSpec(uid=self.run_as_uid, gid=self.run_as_uid, max_processes=self.max_processes,
+                        max_address_space_bytes=self.max_memory_bytes, max_file_bytes=self.max_file_bytes,
+                        tmp_bytes=self.tmp_bytes, require_fs_isolation=self.isolation == "bwrap")
 
 
 @dataclass
@@ -188,11 +208,15 @@ class SWEAgentConfig:
     scripted: ScriptedSettings = field(default_factory=ScriptedSettings)
     # Per-rollout agent trajectory files go here; null = not kept.
     trajectory_dir: str | None = None
+    # policy=script: a file of bash commands, one per line (the scripted policy's actions).
+    script: str | None = None
 
     def __post_init__(self) -> None:
         allowed = [p.value for p in Policy]
         if self.policy not in allowed:
             raise ValueError(f"swe_agent.policy={self.policy!r}: expected one of {allowed}")
+        if self.policy == Policy.SCRIPT.value and not self.script:
+            raise ValueError("swe_agent.policy=script needs swe_agent.script (a file of bash commands)")
         if self.agent.backend not in ("mini_swe_agent", "swe_agent"):
             raise ValueError(f"swe_agent.agent.backend={self.agent.backend!r}: expected 'mini_swe_agent' or 'swe_agent'")
         if self.agent.sweagent_deployment not in ("docker", "local"):

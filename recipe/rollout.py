@@ -39,6 +39,8 @@ class RolloutRunConfig:
     policy: str = "model"
     # HF model directory for policy=model (e.g. the tiny model from `python -m prepare.tiny_model`).
     model_path: str | None = None
+    # policy=script: a file of bash commands, one per line, replayed as the policy's actions.
+    script: str | None = None
     # Name written into predictions.jsonl (defaults to the policy or model path).
     model_name: str | None = None
     concurrency: int = 4
@@ -86,9 +88,14 @@ def make_loop_factory(cfg: RolloutRunConfig):
 
     swe_agent = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "swe_agent.yaml"), cfg.swe_agent)
     swe_agent.policy = cfg.policy
+    if cfg.script:
+        swe_agent.script = str(Path(cfg.script).resolve())
     if not swe_agent.get("trajectory_dir"):
         # Same layout as training: out_dir/rollouts/*.jsonl records, out_dir/<instance>/<rollout>.traj.json agent files.
         swe_agent.trajectory_dir = cfg.out_dir
+    # Absolute before any agent starts: the agent runs in its work tree, where a relative path would land
+    # (and end up in the patch).
+    swe_agent.trajectory_dir = str(Path(swe_agent.trajectory_dir).resolve())
     backend = None
     if cfg.model_path is None:
         from prepare.tiny_model import build_tiny_model

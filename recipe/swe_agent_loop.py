@@ -48,7 +48,6 @@ from recipe.runners.mini_swe_agent import AgentRun, run_mini_swe_agent
 from recipe.runners.swe_agent import run_swe_agent
 from recipe.trajectory import TrajectoryRecord, append_record
 from reward.compute_score import get_grader
-from sandbox.bwrap import BwrapProbe, probe_bwrap
 from sandbox.local import LocalSandbox, SandboxError
 from sandbox.shim import ResourceShim
 
@@ -63,6 +62,16 @@ def reference_commands(task: SWETask) -> list[str]:
     """
     encoded = base64.b64encode(task.patch.encode()).decode()
     return [f"echo {encoded} | base64 -d | git apply --whitespace=nowarn -", "git status --short"]
+
+
+def script_commands(path: str) -> list[str]:
+    """The bash commands of a script file: one per line, blank lines and ``#`` comments skipped.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
 @dataclass
@@ -101,6 +110,8 @@ class RolloutInfo:
     max_global_steps: int | None = None
     # The task row's split (extra_info["split"]): tells validation rollouts from training ones.
     split: str = ""
+    # Sandbox limits the agent's commands hit ("command_timeout", "output_truncated", "workdir_bytes").
+    limits_hit: list[str] = field(default_factory=list)
 
 
 def reward_extra_info(extra: dict[str, Any]) -> dict[str, float]:
@@ -135,7 +146,6 @@ class SWEAgentLoop(AgentLoopBase):
     """
 
     # Per worker process, shared by every loop object (see _process_resources).
-    _bwrap_probe: ClassVar[BwrapProbe | None] = None
     _shims: ClassVar[dict[str, ResourceShim]] = {}
 
     def __init__(
@@ -278,13 +288,13 @@ class SWEAgentLoop(AgentLoopBase):
         stage = ExitStatus.SANDBOX_ERROR
         resources = contextlib.AsyncExitStack()
         try:
-            bwrap, shim = await self._process_resources()
+            shim = await self._process_resources()
             # The shim admits the rollout from its memory pool (waiting, not OOMing, when short).
             lease = await resources.enter_async_context(shim.rollout(info.rollout_id))
             settings = self.swe_config.sandbox
             sandbox = await LocalSandbox.create(
                 task, parent_dir=settings.parent_dir, rollout_id=info.rollout_id,
-                isolation=settings.isolation, hide_paths=settings.hide_paths, bwrap=bwrap,
+                isolation=settings.isolation, jail=settings.jail_spec(),
             )
 
             stage = ExitStatus.PROXY_ERROR
@@ -315,6 +325,7 @@ class SWEAgentLoop(AgentLoopBase):
             info.exit_status = _resolve_status(agent, session).value
             info.agent_exit_status = agent.raw_exit_status
             info.num_llm_calls = agent.n_calls
+            info.limits_hit = list(agent.limits_hit)
             info.error = agent.error or (session.error or "")
             stage = ExitStatus.SANDBOX_ERROR
             info.model_patch = await sandbox.extract_patch()
@@ -348,19 +359,17 @@ class SWEAgentLoop(AgentLoopBase):
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    async def _process_resources(self) -> tuple[BwrapProbe | None, ResourceShim]:
-        """The worker process's bubblewrap probe and resource shim, made once and shared.
+    async def _process_resources(self) -> ResourceShim:
+        """The worker process's resource shim, made once and shared.
 
-        verl makes a loop object per sample; these belong to the process (one probe
-        subprocess, one memory pool), so they live on the class.
+        verl makes a loop object per sample; the shim belongs to the process (one memory
+        pool), so it lives on the class.
         """
         cls = type(self)
-        if self.swe_config.sandbox.isolation != "none" and cls._bwrap_probe is None:
-            cls._bwrap_probe = await asyncio.to_thread(probe_bwrap)
         key = json.dumps(self.swe_config.sandbox.shim, sort_keys=True)
         if key not in cls._shims:
             cls._shims[key] = ResourceShim.from_settings(dict(self.swe_config.sandbox.shim) or None)
-        return cls._bwrap_probe, cls._shims[key]
+        return cls._shims[key]
 
     async def _run_agent(
         self,
@@ -400,6 +409,7 @@ class SWEAgentLoop(AgentLoopBase):
             Policy.REFERENCE_WITH_TESTS: reference_with_tests_commands,
             Policy.EMPTY: lambda _: [],
             Policy.GROUP_CHECK: lambda t: [reference_commands(t), [], stall][session % 3],
+            Policy.SCRIPT: lambda _: script_commands(self.swe_config.script or ""),
         }
         for scripted_policy, commands in scripts.items():
             if policy == scripted_policy:
@@ -414,7 +424,8 @@ class SWEAgentLoop(AgentLoopBase):
     def _trajectory_path(self, task: SWETask, rollout_id: str) -> str | None:
         if not self.swe_config.trajectory_dir:
             return None
-        return str(Path(self.swe_config.trajectory_dir) / task.instance_id / f"{rollout_id}.traj.json")
+        # Absolute: the agent process runs in the work tree, where a relative path would land in the patch.
+        return str(Path(self.swe_config.trajectory_dir).resolve() / task.instance_id / f"{rollout_id}.traj.json")
 
     def _masked(self, status: ExitStatus) -> bool:
         return status.is_infra_failure or (status.is_limit and self.swe_config.masking.mask_limit_exits)

@@ -45,6 +45,7 @@ class TrajectoryRecord(BaseModel):
     min_global_steps: int | None = None
     max_global_steps: int | None = None
     split: str = ""  # the task row's split (train / test)
+    limits_hit: list[str] = Field(default_factory=list)  # sandbox limits the agent's commands hit
 
     @classmethod
     def from_output(
@@ -88,6 +89,7 @@ class TrajectoryRecord(BaseModel):
             min_global_steps=extra.get("min_global_steps"),
             max_global_steps=extra.get("max_global_steps"),
             split=extra.get("split", ""),
+            limits_hit=list(extra.get("limits_hit") or []),
         )
 
     def prediction(self, model_name: str) -> dict[str, str]:

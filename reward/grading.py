@@ -365,14 +365,15 @@ async def _run_tests(
                 return result
             result.patch_applied = True
             # From here on the paths are git's, after applying: what the patch text claims does not count.
-            changes = await applied_changes(repo, task.base_commit)
+            # The copy holds the base tree as its only commit (sandbox.gitrepo.checkout_copy): HEAD.
+            changes = await applied_changes(repo, "HEAD")
             escaped = [c.path for c in changes if _outside(repo, c.path)]
             if escaped:
                 result.error = "path_outside_repo"
                 result.log_tail = f"patched paths resolve outside the repository: {escaped}"
                 return result
             if config.protect:
-                result.removed_test_files = await _restore_protected(repo, task.base_commit, changes)
+                result.removed_test_files = await _restore_protected(repo, "HEAD", changes)
             if skip_empty and len(set(result.removed_test_files)) >= len(changes):
                 result.error = "empty_patch"
                 result.log_tail = "every change the patch made is to protected files"

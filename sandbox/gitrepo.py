@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 from pathlib import Path
 
 from sandbox.process import run_command
@@ -20,7 +22,7 @@ GIT_ENV = {
 
 
 # Pathspecs for files the agent's runs create that are never part of a patch.
-_CACHE_EXCLUDES = (":(exclude,glob)**/__pycache__/**", ":(exclude,glob)**/*.pyc", ":(exclude,glob)**/.pytest_cache/**")
+CACHE_EXCLUDES = (":(exclude,glob)**/__pycache__/**", ":(exclude,glob)**/*.pyc", ":(exclude,glob)**/.pytest_cache/**")
 
 
 def git_env() -> dict[str, str]:
@@ -44,10 +46,18 @@ async def git(repo: str | os.PathLike[str], *args: str, timeout_s: float = 120.0
     return result.output
 
 
-async def checkout_copy(repo_path: str | os.PathLike[str], commit: str, dest: str | os.PathLike[str]) -> Path:
-    """Make ``dest`` a new, independent git working copy of ``repo_path`` at ``commit``.
+# The snapshot commit's fixed metadata: the same tree always gets the same commit id.
+SNAPSHOT_ENV = {"GIT_AUTHOR_DATE": "2000-01-01T00:00:00+0000", "GIT_COMMITTER_DATE": "2000-01-01T00:00:00+0000"}
+SNAPSHOT_MESSAGE = "base"
 
-    The copy has no remote, so nothing in it points back at the task repository.
+
+async def checkout_copy(repo_path: str | os.PathLike[str], commit: str, dest: str | os.PathLike[str]) -> Path:
+    """Make ``dest`` a work tree of ``repo_path``'s ``commit`` in a repository holding that tree only.
+
+    The copy's git repository has exactly one commit (``HEAD``: the same tree, with
+    fixed metadata), no remote, no other refs, tags, reflog entries or objects: the
+    task's history (later commits holding the fix, branches, tags, dangling objects;
+    the SWE-bench history exploit) is not in it. Use ``HEAD``, not ``commit``, inside.
 
     Raises:
         FileNotFoundError: ``repo_path`` is not a git repository.
@@ -60,17 +70,25 @@ async def checkout_copy(repo_path: str | os.PathLike[str], commit: str, dest: st
     # --no-hardlinks: the copy must not share object files with the task repo.
     await git(dest.parent, "clone", "-q", "--no-checkout", "--no-hardlinks", str(src.resolve()), str(dest))
     await git(dest, "checkout", "-q", "--detach", commit)
-    await git(dest, "remote", "remove", "origin")
+    await snapshot_history(dest)
     return dest
 
 
-async def diff_against(repo: str | os.PathLike[str], commit: str) -> str:
-    """Return ``git diff`` of the work tree (including untracked files) against ``commit``.
+async def snapshot_history(work_tree: str | os.PathLike[str]) -> str:
+    """Replace ``work_tree``'s git repository by one holding a single commit of the current files.
 
-    Untracked files are added with ``git add -A`` first, so new files appear in the
-    patch as SWE-bench patches do; interpreter and pytest caches are left out
-    (repos without a ``.gitignore`` would otherwise ship them in the patch).
-    Binary files appear as ``--binary`` hunks.
+    Returns:
+        The commit id (a function of the tree only: fixed identity, dates and message).
     """
-    await git(repo, "add", "-A", "--", ".", *_CACHE_EXCLUDES)
-    return await git(repo, "diff", "--cached", "--binary", commit)
+    work_tree = Path(work_tree)
+    await asyncio.to_thread(shutil.rmtree, work_tree / ".git")
+    await git(work_tree, "init", "-q")
+    await git(work_tree, "add", "-A", "--force")
+    result = await run_command(
+        ["git", "-C", str(work_tree), "-c", "core.hooksPath=/dev/null", "commit", "-q", "--allow-empty",
+         "--no-verify", "-m", SNAPSHOT_MESSAGE],
+        env={**git_env(), **SNAPSHOT_ENV}, timeout_s=120.0,
+    )
+    if result.returncode != 0:
+        raise GitError(f"snapshot commit failed in {work_tree}: {result.output.strip()[-2000:]}")
+    return (await git(work_tree, "rev-parse", "HEAD")).strip()

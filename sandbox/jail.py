@@ -60,6 +60,7 @@ class JailSpec:
         max_open_files: ``RLIMIT_NOFILE``.
         network: keep the host network (False: an empty network namespace).
         require_fs_isolation: refuse to run without bubblewrap's file-system view.
+        tmp_bytes: size of the private ``/tmp`` (a RAM-backed tmpfs), bytes.
     """
 
     uid: int | None = NOBODY
@@ -70,6 +71,7 @@ class JailSpec:
     max_open_files: int | None = 4096
     network: bool = False
     require_fs_isolation: bool = False
+    tmp_bytes: int | None = 512 << 20
 
 
 class JailUnavailable(RuntimeError):
@@ -164,7 +166,9 @@ def jail_argv(
         for path in SYSTEM_DIRS:
             jail += ["--ro-bind-try", path, path] if not os.path.islink(path) else [
                 "--symlink", os.readlink(path), path]
-        jail += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp", "--tmpfs", "/run"]
+        tmp_size = ["--size", str(spec.tmp_bytes)] if spec.tmp_bytes else []
+        jail += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", *tmp_size, "--tmpfs", "/tmp",
+                 "--size", str(16 << 20), "--tmpfs", "/run"]
         # Directories bubblewrap makes for the binds below must be traversable by the jail's uid.
         made: set[str] = set()
         for path in [*readable, *writable]:

@@ -1,23 +1,33 @@
-"""A local sandbox: a private git working copy of the task repo per rollout.
+"""A local sandbox: a private work tree per rollout, its commands jailed (``sandbox.jail``).
 
-Two isolation levels. ``isolation="none"``: directory and process bookkeeping
-only, the agent's commands run as ordinary processes in the copy (``isolated``
-is False and a warning is logged once per sandbox). ``isolation="bwrap"``: the
-agent's commands are wrapped by ``command_prefix`` (bubblewrap, ``sandbox/bwrap.py``):
-no network, read-only host, the work tree and home as the only writable places,
-a private /tmp, other rollouts, the task repos and ``hide_paths`` invisible.
-``"auto"`` picks bwrap when it works here.
+Layout (``root`` is private to the host, ``0700``):
 
-Leak-proofing for crashed runs: each sandbox directory holds ``owner.json``
-(pid and start time of the process that made it, and the rollout id);
-``reap_stale_sandboxes(parent_dir)`` -- run at start-up and exit -- kills the
-marked processes of sandboxes whose owner is dead and deletes their directories.
+- ``root/repo``: the work tree at ``task.base_commit``, in a git repository holding
+  that tree as its only commit (``sandbox.gitrepo.checkout_copy``: no later commits,
+  branches, tags or objects of the task's history). The agent may do anything to it,
+  its ``.git`` included.
+- ``root/home``: the agent commands' private home.
+- ``root/git``: a second, trusted copy of that repository, never visible to the agent:
+  ``extract_patch`` diffs the work tree through it, with hooks, fsmonitor, filters and
+  every config file but its own unable to run, so nothing the agent wrote in its
+  ``.git`` or work tree runs on the host or decides the patch.
+- ``root/runner``: the host-side runner's spec, result, log and agent state: outside the
+  agent's reach, so it cannot plant a link where the runner writes.
 
-The process bookkeeping: Every process a rollout
-starts inherits ``SWE_ROLLOUT_ID=<rollout id>`` in its environment; teardown kills
-the rollout's process groups and then every process still carrying that marker,
-so commands that started their own session (mini-swe-agent runs each command
-with ``start_new_session``) or daemonised are not left behind.
+Isolation (``isolation``): ``bwrap`` (required), ``auto`` (bwrap when it works here,
+else unisolated with a warning) or ``none``. Isolated, each agent command runs under
+``command_prefix`` (``sandbox.jail.jail_argv``): it sees the system read-only, the
+task's interpreter read-only, the work tree and home read-write, a private size-limited
+``/tmp``, and nothing else; no network; uid 65534 without capabilities when the host
+runs as root; rlimits; and ``command_env`` (an allowlist: no trainer secret). When its
+shell exits, or the runner dies, every process it started dies.
+
+Leak-proofing for crashed runs: each sandbox directory holds ``owner.json`` (pid and
+start time of the process that made it, and the rollout id);
+``reap_stale_sandboxes(parent_dir)`` -- run at start-up and exit -- kills the marked
+processes of sandboxes whose owner is dead and deletes their directories. Every process
+a rollout starts inherits ``SWE_ROLLOUT_ID=<rollout id>``; teardown kills the rollout's
+process groups and then every process still carrying that marker.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import os
 import shutil
 import time
 import signal
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -37,9 +48,16 @@ from pathlib import Path
 import psutil
 
 from prepare.task import SWETask
-from sandbox.bwrap import BwrapProbe, bwrap_argv, probe_bwrap
-from sandbox.gitrepo import checkout_copy, diff_against
-from sandbox.process import kill_process_group
+from sandbox.gitrepo import CACHE_EXCLUDES, GIT_ENV, checkout_copy
+from sandbox.jail import (
+    JailSpec,
+    bwrap_available,
+    clean_env,
+    give_to_jail,
+    interpreter_paths,
+    jail_argv,
+)
+from sandbox.process import kill_process_group, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +67,10 @@ OWNER_FILE = "owner.json"
 # A sandbox directory without an owner file older than this is a half-made one from a crash, seconds.
 ORPHAN_GRACE_S = 300.0
 ISOLATION_MODES = ("none", "bwrap", "auto")
+# Options of every host-side git call on the agent's tree: nothing configured there can run.
+SAFE_GIT_OPTIONS = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "safe.directory=*",
+                    "-c", "core.quotePath=false", "-c", "diff.noprefix=false")
+
 
 
 class SandboxError(RuntimeError):
@@ -153,12 +175,15 @@ class LocalSandbox:
 
     Attributes:
         rollout_id: unique id, also the process marker value.
-        root: the sandbox's own temporary directory (removed at teardown).
-        workdir: the git work tree at ``task.base_commit`` (``root/repo``).
-        home: a private scratch directory for agent config/state (``root/home``).
+        root: the sandbox's own private directory (removed at teardown).
+        workdir: the agent's work tree at ``task.base_commit`` (``root/repo``).
+        home: the agent commands' private home (``root/home``).
+        runner_dir: the host-side runner's files (``root/runner``), never visible to the agent.
         task: the task this sandbox was made for.
         isolation: ``"bwrap"`` or ``"none"`` (what is in force, after ``auto``).
-        command_prefix: argv prefix that runs one agent command isolated (empty when not).
+        jail: the jail's uid and limits.
+        command_prefix: argv prefix that runs one agent command jailed (empty when not).
+        command_env: the environment of the agent's commands (an allowlist).
     """
 
     rollout_id: str
@@ -166,15 +191,23 @@ class LocalSandbox:
     workdir: Path
     home: Path
     task: SWETask
+    runner_dir: Path = Path()
     isolation: str = "none"
+    jail: JailSpec = field(default_factory=JailSpec)
     command_prefix: list[str] = field(default_factory=list)
+    command_env: dict[str, str] = field(default_factory=dict)
     _process_groups: list[int] = field(default_factory=list)
     _closed: bool = False
 
     @property
     def isolated(self) -> bool:
-        """True when the agent's commands run under bubblewrap."""
+        """True when the agent's commands run in the jail."""
         return self.isolation == "bwrap"
+
+    @property
+    def git_dir(self) -> Path:
+        """The trusted git directory patches are extracted with (``root/git``)."""
+        return self.root / "git"
 
     @classmethod
     async def create(
@@ -184,18 +217,14 @@ class LocalSandbox:
         parent_dir: str | None = None,
         rollout_id: str | None = None,
         isolation: str = "none",
-        hide_paths: list[str] | tuple[str, ...] = (),
-        bwrap: BwrapProbe | None = None,
+        jail: JailSpec | None = None,
     ) -> LocalSandbox:
-        """Copy ``task.repo_path`` at ``task.base_commit`` into a new temp directory.
+        """Copy ``task.repo_path`` at ``task.base_commit`` into a new private directory.
 
         Args:
             parent_dir: where sandboxes are made (default: the system temp dir).
-            isolation: ``none``, ``bwrap`` (fails if bwrap does not work) or ``auto``.
-            hide_paths: more directories/files the agent's commands must not see under
-                bwrap (the task data directory, hidden tests); the sandbox parent and
-                the task repository's directory are always hidden.
-            bwrap: a ``probe_bwrap()`` result to reuse (probing costs a subprocess).
+            isolation: ``none``, ``bwrap`` (fails if bubblewrap does not work here) or ``auto``.
+            jail: uid and limits of the jailed commands (``JailSpec()`` defaults).
 
         Raises:
             SandboxError: the repo is missing or cannot be checked out, or bwrap was
@@ -207,29 +236,40 @@ class LocalSandbox:
         rollout_id = rollout_id or uuid.uuid4().hex
         if not task.repo_path:
             raise SandboxError(f"{task.instance_id}: task has no repo_path (a Docker image task?)")
-        probe = None
+        jailed = False
         if isolation != "none":
-            probe = bwrap or await asyncio.to_thread(probe_bwrap)
-            if not probe.available and isolation == "bwrap":
-                raise SandboxError(f"{task.instance_id}: isolation=bwrap but {probe.reason}")
+            jailed = await asyncio.to_thread(bwrap_available)
+            if not jailed and isolation == "bwrap":
+                raise SandboxError(f"{task.instance_id}: isolation=bwrap but bubblewrap cannot create namespaces "
+                                   "here (apt-get install bubblewrap)")
         if parent_dir:
             os.makedirs(parent_dir, exist_ok=True)
         root = Path(tempfile.mkdtemp(prefix=SANDBOX_PREFIX, dir=parent_dir))
-        box = cls(rollout_id=rollout_id, root=root, workdir=root / "repo", home=root / "home", task=task)
+        box = cls(rollout_id=rollout_id, root=root, workdir=root / "repo", home=root / "home", task=task,
+                  runner_dir=root / "runner", jail=jail or JailSpec())
         try:
             (root / OWNER_FILE).write_text(json.dumps(_owner_record(rollout_id)))
             box.home.mkdir()
+            box.runner_dir.mkdir()
             await checkout_copy(task.repo_path, task.base_commit, box.workdir)
-            if probe is not None and probe.available:
-                hidden = [str(root.parent), str(Path(task.repo_path).resolve().parent), *hide_paths]
-                keep = [task.env_bin] if task.env_bin else []
-                box.command_prefix = bwrap_argv(
-                    probe.executable or "bwrap", writable=[box.workdir, box.home], hide=hidden,
-                    keep_visible=keep, chdir=box.workdir,
-                )
+            await run_command(["cp", "-a", str(box.workdir / ".git"), str(box.git_dir)], timeout_s=120.0)
+            interpreter = str(Path(task.env_bin) / "python") if task.env_bin else sys.executable
+            box.command_env = clean_env(path_first=os.path.dirname(interpreter), home=str(box.home), extra={
+                ROLLOUT_MARKER_ENV: rollout_id,
+                "TMPDIR": "/tmp" if jailed else str(box.home),
+                # The agent's own pytest runs need none of this environment's plugins (DEFAULT_TEST_CMD).
+                "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+                "PIP_NO_INDEX": "1",
+                "PYTHONDONTWRITEBYTECODE": "1",
+            })
+            if jailed:
+                await asyncio.to_thread(give_to_jail, box.jail, box.workdir, box.home)
+                box.command_prefix = jail_argv(box.jail, [], writable=[box.workdir, box.home],
+                                               readable=interpreter_paths(interpreter), chdir=box.workdir)
                 box.isolation = "bwrap"
-            elif probe is not None:
-                logger.warning("sandbox %s is NOT isolated (%s): commands see the host and the network", rollout_id, probe.reason)
+            elif isolation != "none":
+                logger.warning("sandbox %s is NOT isolated (bubblewrap unusable): commands see the host and the "
+                               "network", rollout_id)
             else:
                 logger.info("sandbox %s is not isolated (isolation=none)", rollout_id)
         except BaseException as exc:
@@ -239,13 +279,15 @@ class LocalSandbox:
             raise
         return box
 
-    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
-        """Environment for processes of this rollout: ``base`` (default os.environ) plus the marker."""
-        env = dict(os.environ if base is None else base)
-        env[ROLLOUT_MARKER_ENV] = self.rollout_id
-        env["HOME"] = str(self.home)
-        env["TMPDIR"] = str(self.home)
-        return env
+    def env(self) -> dict[str, str]:
+        """The environment of the agent's commands (``command_env``: an allowlist with the marker)."""
+        return dict(self.command_env)
+
+    def runner_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The host-side agent process's environment: an allowlist (no trainer secret), the marker,
+        ``HOME`` = ``runner_dir``, this interpreter first on ``PATH``, then ``extra``."""
+        return clean_env(path_first=os.path.dirname(sys.executable), home=str(self.runner_dir),
+                         extra={ROLLOUT_MARKER_ENV: self.rollout_id, **(extra or {})})
 
     def wrap_command(self, command: str) -> list[str]:
         """argv running ``bash -c command`` in this sandbox (under bwrap when isolated)."""
@@ -258,9 +300,22 @@ class LocalSandbox:
     async def extract_patch(self) -> str:
         """The work tree's changes against ``base_commit`` as a git diff (new files included).
 
-        Test-file changes are kept here; the grader strips them.
+        Through the trusted git directory (``git_dir``): the agent's ``.git`` (its config,
+        hooks, fsmonitor, refs) plays no part, and no filter, external diff or hook can run.
+        Caches of interpreters and pytest are left out. Test-file changes are kept here;
+        the grader puts them back.
         """
-        return await diff_against(self.workdir, self.task.base_commit)
+        git = ["git", f"--git-dir={self.git_dir}", f"--work-tree={self.workdir}", *SAFE_GIT_OPTIONS]
+        env = {**{k: v for k, v in os.environ.items() if k in ("PATH", "LANG")}, **GIT_ENV,
+               "GIT_CONFIG_GLOBAL": os.devnull, "HOME": str(self.runner_dir)}
+        added = await run_command([*git, "add", "-A", "--", ".", *CACHE_EXCLUDES], env=env, timeout_s=120.0)
+        if added.returncode != 0 or added.timed_out:
+            raise SandboxError(f"{self.task.instance_id}: cannot read the work tree: {added.output[-1000:]}")
+        diff = await run_command([*git, "diff", "--cached", "--binary", "--no-ext-diff", "--no-textconv", "HEAD"],
+                                 env=env, timeout_s=120.0)
+        if diff.returncode != 0 or diff.timed_out:
+            raise SandboxError(f"{self.task.instance_id}: cannot diff the work tree: {diff.output[-1000:]}")
+        return diff.output
 
     async def teardown(self) -> None:
         """Kill every process of this rollout and delete the sandbox directory.

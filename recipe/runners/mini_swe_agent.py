@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from prepare.task import task_path_env
 from recipe.config import AgentSettings
 from recipe.outcome import ExitStatus, from_mini_swe_agent
 from recipe.runners.spec import RunnerResult, RunnerSpec
@@ -42,6 +41,7 @@ class AgentRun:
         error: error text when the agent crashed or was killed, else None.
         log_tail: the end of the subprocess's stdout/stderr.
         messages: the agent's own message history (mini-swe-agent format).
+        limits_hit: the sandbox limits the agent's commands ran into (``RunnerResult.limits_hit``).
     """
 
     exit_status: ExitStatus
@@ -51,25 +51,22 @@ class AgentRun:
     error: str | None = None
     log_tail: str = ""
     messages: list[dict[str, Any]] = field(default_factory=list)
+    limits_hit: list[str] = field(default_factory=list)
 
 
 def agent_environment(sandbox: LocalSandbox, settings: AgentSettings) -> dict[str, str]:
-    """The subprocess environment: the sandbox's (with its rollout marker) plus unattended-run settings."""
-    # `python`/`pytest` in the agent's commands must be the grader's interpreter.
-    env = task_path_env(sandbox.task, sandbox.env())
-    env.update(
-        MSWEA_CONFIGURED="true",
-        MSWEA_SILENT_STARTUP="1",
-        MSWEA_GLOBAL_CONFIG_DIR=str(sandbox.home / "mini-swe-agent"),
-        MSWEA_COST_TRACKING="ignore_errors",
-        MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT=str(max(1, settings.llm_retry_attempts)),
-        LITELLM_LOCAL_MODEL_COST_MAP="True",
-        PYTHONUNBUFFERED="1",
-        PYTHONDONTWRITEBYTECODE="1",
-        # The agent's own pytest runs need none of this environment's plugins (see DEFAULT_TEST_CMD).
-        PYTEST_DISABLE_PLUGIN_AUTOLOAD="1",
-    )
-    return env
+    """The agent process's environment: an allowlist (``LocalSandbox.runner_env``: no trainer secret)
+    with the unattended-run settings. Its commands get ``sandbox.command_env`` instead."""
+    return sandbox.runner_env({
+        "MSWEA_CONFIGURED": "true",
+        "MSWEA_SILENT_STARTUP": "1",
+        "MSWEA_GLOBAL_CONFIG_DIR": str(sandbox.runner_dir / "mini-swe-agent"),
+        "MSWEA_COST_TRACKING": "ignore_errors",
+        "MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT": str(max(1, settings.llm_retry_attempts)),
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    })
 
 
 async def run_mini_swe_agent(
@@ -96,9 +93,10 @@ async def run_mini_swe_agent(
     bursts the shim's limits follow; in Docker deployments it lives outside the
     container too). See docs/resource_shim.md.
     """
-    spec_path = sandbox.home / "runner_spec.json"
-    result_path = sandbox.home / "runner_result.json"
-    log_path = sandbox.home / "runner.log"
+    # The runner's files live where the agent's commands cannot reach (no link can be planted there).
+    spec_path = sandbox.runner_dir / "runner_spec.json"
+    result_path = sandbox.runner_dir / "runner_result.json"
+    log_path = sandbox.runner_dir / "runner.log"
     spec = RunnerSpec(
         task=task_text,
         workdir=str(sandbox.workdir),
@@ -112,6 +110,9 @@ async def run_mini_swe_agent(
         trajectory_path=trajectory_path,
         result_path=str(result_path),
         command_prefix=wrap_argv(list(sandbox.command_prefix)) if wrap_argv else list(sandbox.command_prefix),
+        command_env=sandbox.env(),
+        max_output_bytes=settings.max_output_bytes,
+        max_workdir_bytes=settings.max_workdir_bytes,
     )
     await asyncio.to_thread(spec_path.write_text, spec.model_dump_json())
 
@@ -150,6 +151,7 @@ async def run_mini_swe_agent(
         error=result.error,
         log_tail=log_tail,
         messages=result.messages,
+        limits_hit=result.limits_hit,
     )
 
 

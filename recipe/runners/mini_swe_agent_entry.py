@@ -65,21 +65,94 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def isolated_environment(base_cls, command_prefix: list[str]):
-    """A mini-swe-agent environment class whose commands run under ``command_prefix`` (bwrap).
+# Limits the agent's commands hit in this run (reported in RunnerResult.limits_hit).
+LIMITS_HIT: list[str] = []
 
-    The command string goes through ``shlex.join`` so the shell that mini-swe-agent's
-    ``LocalEnvironment`` starts passes it to ``bwrap ... bash -c`` verbatim.
+
+def run_bounded(argv: list[str], *, cwd: str, env: dict, timeout_s: float, max_bytes: int):
+    """Run ``argv`` in a new session; keep the first ``max_bytes`` of its output, count the rest.
+
+    Returns ``(output bytes kept, total bytes, returncode, timed_out)``. At ``timeout_s`` the
+    process group is killed (the jail's own ``timeout`` normally ends the command first).
     """
-    import shlex
+    import os
+    import selectors
+    import signal
+    import subprocess
+    import time
 
-    class IsolatedEnvironment(base_cls):
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    kept, total, timed_out = bytearray(), 0, False
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            if not selector.select(timeout=min(left, 1.0)):
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            total += len(chunk)
+            if len(kept) < max_bytes:
+                kept += chunk[: max_bytes - len(kept)]
+    if timed_out:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    returncode = proc.wait()
+    proc.stdout.close()
+    return bytes(kept), total, returncode, timed_out
+
+
+def _tree_bytes(root: str) -> int:
+    import os
+
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def sandboxed_environment(base_cls, spec):
+    """A mini-swe-agent environment whose commands run in the sandbox (``spec.command_prefix``, the jail),
+    with the sandbox's environment, a deadline the jail enforces itself (coreutils ``timeout``: it holds
+    even if this process dies), bounded output, and the work tree's size checked after each command."""
+    from minisweagent.exceptions import InterruptAgentFlow
+
+    class SandboxedEnvironment(base_cls):
         def execute(self, action: dict, cwd: str = "", *, timeout: int | None = None):
-            if command_prefix:
-                action = {**action, "command": shlex.join([*command_prefix, "bash", "-c", action.get("command", "")])}
-            return super().execute(action, cwd, timeout=timeout)
+            command = action.get("command", "")
+            limit = int(timeout or self.config.timeout)
+            argv = [*spec.command_prefix, "timeout", "-k", "5", str(limit), "bash", "-c", command]
+            kept, total, returncode, killed = run_bounded(argv, cwd=cwd or spec.workdir, env=dict(spec.command_env),
+                                                          timeout_s=limit + 15, max_bytes=spec.max_output_bytes)
+            text = kept.decode("utf-8", errors="replace")
+            output = {"output": text, "returncode": returncode, "exception_info": ""}
+            if killed or returncode in (124, 137):
+                LIMITS_HIT.append("command_timeout")
+                output.update(returncode=-1, exception_info=f"The command timed out after {limit} seconds and was killed.")
+            if total > len(kept):
+                LIMITS_HIT.append("output_truncated")
+                output["output"] = text + f"\n[output truncated: {total - len(kept)} more bytes not shown]"
+            self._check_finished(output)
+            if spec.max_workdir_bytes and _tree_bytes(spec.workdir) > spec.max_workdir_bytes:
+                LIMITS_HIT.append("workdir_bytes")
+                reason = f"the work tree grew past {spec.max_workdir_bytes} bytes"
+                raise InterruptAgentFlow({"role": "exit", "content": f"SandboxLimitExceeded: {reason}",
+                                          "extra": {"exit_status": "SandboxLimitExceeded", "submission": ""}})
+            return output
 
-    return IsolatedEnvironment
+    return SandboxedEnvironment
 
 
 def main(spec_path: str) -> int:
@@ -112,8 +185,9 @@ def main(spec_path: str) -> int:
         )
         model = keep_failed_turns(get_model(config=model_cfg))
         env_cfg = dict(defaults.get("environment", {}))
-        env_cls = isolated_environment(LocalEnvironment, spec.command_prefix) if spec.command_prefix else LocalEnvironment
-        env = env_cls(cwd=spec.workdir, env=env_cfg.get("env", {}), timeout=spec.command_timeout_s)
+        # mini-swe-agent's environment variables (PAGER=cat...) join the sandbox's allowlist.
+        spec = spec.model_copy(update={"command_env": {**env_cfg.get("env", {}), **spec.command_env}})
+        env = sandboxed_environment(LocalEnvironment, spec)(cwd=spec.workdir, timeout=spec.command_timeout_s)
         agent_cfg = dict(defaults["agent"])
         agent_cfg.update(
             step_limit=spec.step_limit,
@@ -130,6 +204,7 @@ def main(spec_path: str) -> int:
             result.error = f"{type(exc).__name__}: {exc}"[-4000:]
         result.n_calls = agent.n_calls
         result.messages = agent.messages
+        result.limits_hit = list(LIMITS_HIT)
     except Exception as exc:
         result.exit_status = type(exc).__name__
         result.error = traceback.format_exc()[-4000:]

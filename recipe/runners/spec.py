@@ -21,8 +21,14 @@ class RunnerSpec(BaseModel):
     turn_timeout_s: float = 600.0
     trajectory_path: str | None = None
     result_path: str
-    # argv prefix wrapping each bash command (the sandbox's bubblewrap call); empty = run directly.
+    # argv prefix wrapping each bash command (the sandbox's jail); empty = run directly.
     command_prefix: list[str] = Field(default_factory=list)
+    # The commands' environment (the sandbox's allowlist), not the runner's own.
+    command_env: dict[str, str] = Field(default_factory=dict)
+    # A command's observation keeps this many bytes of its output (the rest is counted, not kept).
+    max_output_bytes: int = 65536
+    # The run ends (agent_error) when the work tree grows past this many bytes; 0 = no check.
+    max_workdir_bytes: int = 0
 
 
 class RunnerResult(BaseModel):
@@ -33,3 +39,5 @@ class RunnerResult(BaseModel):
     n_calls: int = 0
     error: str | None = None
     messages: list[dict[str, Any]] = Field(default_factory=list)
+    # Limits the agent's commands hit, one entry per hit ("command_timeout", "output_truncated", "workdir_bytes").
+    limits_hit: list[str] = Field(default_factory=list)

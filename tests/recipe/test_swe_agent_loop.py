@@ -161,10 +161,9 @@ async def test_resource_shim_wraps_each_tool_command_not_the_agent(rows, tokeniz
             yield RecordingLease()
 
     loop = make_loop(tokenizer, sandbox_parent, policy="reference")
-    probe, _ = await loop._process_resources()
 
     async def resources():
-        return probe, RecordingShim()
+        return RecordingShim()
 
     loop._process_resources = resources
     out = await run_row(loop, rows[0])

@@ -1,4 +1,9 @@
-"""Bubblewrap isolation of the agent's commands, and the reaper for sandboxes of crashed runs."""
+"""Attacks on the sandbox through the real path: scripted rollouts (policy=script) of SWEAgentLoop --
+mini-swe-agent subprocess, proxy, jailed commands, patch extraction, grading -- asserting that each
+attack failed and left nothing behind. The reaper for sandboxes of crashed runs is tested at the end.
+
+Runs as the user CI runs as (root on these machines): the jail must hold for a root driver.
+"""
 
 from __future__ import annotations
 
@@ -11,130 +16,313 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
+from transformers import AutoTokenizer
 
 from prepare.task import SWETask
-from recipe.runners.mini_swe_agent_entry import isolated_environment
-from sandbox.bwrap import bwrap_argv, probe_bwrap
+from recipe.swe_agent_loop import SWEAgentLoop
 from sandbox.gitrepo import GIT_ENV
+from sandbox.jail import bwrap_available
 from sandbox.local import OWNER_FILE, LocalSandbox, SandboxError, find_marked_processes, reap_stale_sandboxes
 from sandbox.process import run_command
 
-PROBE = probe_bwrap()
-needs_bwrap = pytest.mark.skipif(not PROBE.available, reason=f"bubblewrap unusable here: {PROBE.reason}")
+needs_bwrap = pytest.mark.skipif(not bwrap_available(), reason="bubblewrap cannot create namespaces here")
+ROOT = os.geteuid() == 0
 
 
 def _git(cwd, *args):
-    subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True, env={**os.environ, **GIT_ENV})
+    return subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True, text=True,
+                          env={**os.environ, **GIT_ENV}).stdout
 
 
 @pytest.fixture
 def task(tmp_path):
-    """A task repo under data/repos/, with hidden tests in data/hidden/ (as the grader keeps them)."""
+    """A task repository under data/repos/ with a secret in a later commit, a branch, a tag and a
+    dangling object; the grader's data (tasks.jsonl with the reference patch) next to it."""
     data = tmp_path / "data"
     repo = data / "repos" / "t1"
     repo.mkdir(parents=True)
-    (repo / "pkg.py").write_text("X = 1\n")
-    _git(repo, "init", "-q")
+    (repo / "pkg.py").write_text("def answer():\n    return 41\n")
+    _git(repo, "init", "-q", "-b", "main")
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "base")
-    base = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    hidden = data / "hidden"
-    hidden.mkdir()
-    (hidden / "test_hidden.py").write_text("SECRET_HIDDEN_TEST = 1\n")
-    return SWETask(instance_id="t1", repo="local/t1", base_commit=base, problem_statement="p", repo_path=str(repo))
+    base = _git(repo, "rev-parse", "HEAD").strip()
+    (repo / "pkg.py").write_text("def answer():\n    return 42  # FUTURE_FIX\n")
+    _git(repo, "commit", "-qam", "the fix (a later commit)")
+    _git(repo, "tag", "v-fixed")
+    _git(repo, "branch", "fix-branch")
+    blob = subprocess.run(["git", "-C", str(repo), "hash-object", "-w", "--stdin"], input="DANGLING_SECRET\n",
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert blob
+    _git(repo, "checkout", "-q", base)
+    patch = "diff --git a/pkg.py b/pkg.py\n--- a/pkg.py\n+++ b/pkg.py\n@@ -1,2 +1,2 @@\n def answer():\n-    return 41\n+    return 42\n"
+    task = SWETask(instance_id="t1", repo="local/t1", base_commit=base, problem_statement="answer() is off by one",
+                   patch=patch, repo_path=str(repo),
+                   test_patch=("diff --git a/tests/test_pkg.py b/tests/test_pkg.py\nnew file mode 100644\n--- /dev/null\n"
+                               "+++ b/tests/test_pkg.py\n@@ -0,0 +1,5 @@\n+from pkg import answer\n+\n+\n"
+                               "+def test_answer():\n+    assert answer() == 42\n"),
+                   FAIL_TO_PASS=["tests/test_pkg.py::test_answer"])
+    (data / "tasks.jsonl").write_text(task.model_dump_json() + "\n")
+    return task
 
 
-@pytest.fixture
-def loopback_server():
-    """A TCP server on 127.0.0.1 that the host can reach and a sandboxed command must not."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    yield srv.getsockname()[1]
-    srv.close()
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-CONNECT = "python -c \"import socket,sys; s=socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=3); print('CONNECTED')\" {port}"
-
-
-@needs_bwrap
-async def test_bwrap_command_has_no_network_and_sees_no_hidden_files(task, tmp_path, loopback_server):
+async def run_script(task: SWETask, tokenizer, tmp_path: Path, commands: list[str], agent: dict | None = None,
+                     **sandbox) -> dict:
+    """One policy=script rollout; returns its record's extra fields plus each command's observation."""
+    script = tmp_path / f"script-{time.monotonic_ns()}.sh"
+    script.write_text("\n".join(commands) + "\n")
     boxes = tmp_path / "boxes"
-    hidden_dir = tmp_path / "data" / "hidden"
-    a = await LocalSandbox.create(task, parent_dir=str(boxes), isolation="bwrap", hide_paths=[str(hidden_dir)])
-    b = await LocalSandbox.create(task, parent_dir=str(boxes), isolation="bwrap", hide_paths=[str(hidden_dir)])
+    loop = SWEAgentLoop.standalone(
+        tokenizer=tokenizer, hf_model_type="qwen2", prompt_length=8192, response_length=16384,
+        swe_agent={"policy": "script", "script": str(script),
+                   "sandbox": {"parent_dir": str(boxes), "isolation": "bwrap", **sandbox},
+                   "agent": {"step_limit": len(commands) + 3, "command_timeout_s": 20, **(agent or {})},
+                   "reward": {"timeout_s": 60}},
+    )
+    row = {"raw_prompt": [{"role": "user", "content": task.problem_statement}],
+           "extra_info": json.loads(task.model_dump_json())}
+    out = await loop.run({"temperature": 1.0, "logprobs": True}, **row)
+    extra = dict(out.extra_fields)
+    extra["observations"] = [_observation(m) for m in extra["messages"] if m.get("role") in ("tool", "user")][1:]
+    # Nothing of the rollout is left: no sandbox directory, no marked process.
+    assert not boxes.exists() or list(boxes.iterdir()) == []
+    assert await asyncio.to_thread(find_marked_processes, extra["rollout_id"]) == []
+    return extra
+
+
+def _observation(message: dict) -> str:
+    """A command's output as the model read it (mini-swe-agent's tool message holds JSON with "output",
+    or "output_head"/"output_tail" for long output, and "exception_info" for a timeout)."""
+    content = message.get("content")
+    text = content if isinstance(content, str) else json.dumps(content)
     try:
-        assert a.isolated and a.isolation == "bwrap"
-        (b.workdir / "other_rollout.txt").write_text("B's work")
-        # The host reaches the server; the sandboxed command does not.
-        host = await run_command(CONNECT.format(port=loopback_server), timeout_s=20)
-        assert "CONNECTED" in host.output
-        inside = await run_command(a.wrap_command(CONNECT.format(port=loopback_server)), env=a.env(), timeout_s=20)
-        assert inside.returncode != 0 and "CONNECTED" not in inside.output
-        probe = "; ".join([
-            f"cat {hidden_dir}/test_hidden.py",
-            f"ls {task.repo_path}",
-            f"cat {b.workdir}/other_rollout.txt",
-            "echo written > pkg_new.py && echo WROTE_WORKTREE",
-            "echo x > /tmp/t && echo WROTE_TMP",
-            f"echo x > {sys.prefix}/evil 2>&1 || echo HOST_READONLY",
-            "true",
-        ])
-        res = await run_command(a.wrap_command(probe), env=a.env(), timeout_s=20)
-        assert "SECRET_HIDDEN_TEST" not in res.output
-        assert "pkg.py" not in res.output.replace("pkg_new.py", "")  # the task repo directory is empty inside
-        assert "B's work" not in res.output
-        assert "WROTE_WORKTREE" in res.output and "WROTE_TMP" in res.output and "HOST_READONLY" in res.output
-        assert (a.workdir / "pkg_new.py").read_text() == "written\n"
-        assert not (tmp_path / "t").exists() and not os.path.exists(f"{sys.prefix}/evil")
-        # The patch sees the sandboxed write, owned by us (no uid mapping surprises).
-        assert "pkg_new.py" in await a.extract_patch()
-    finally:
-        await a.teardown()
-        await b.teardown()
-    assert list(boxes.iterdir()) == []
+        parsed = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(parsed, dict):
+        return text
+    return "\n".join(str(parsed[k]) for k in ("output", "output_head", "output_tail", "exception_info") if parsed.get(k))
+
+
+def _joined(extra: dict) -> str:
+    return "\n".join(extra["observations"])
 
 
 @needs_bwrap
-def test_mini_swe_agent_environment_runs_commands_isolated(tmp_path, loopback_server):
-    from minisweagent.environments.local import LocalEnvironment
+async def test_grader_data_other_rollouts_and_the_host_are_out_of_sight(task, tokenizer, tmp_path):
+    other = await LocalSandbox.create(task, parent_dir=str(tmp_path / "boxes-b"), isolation="bwrap")
+    (other.workdir / "other_rollout.txt").write_text("B's work")
+    data = Path(task.repo_path).parent.parent
+    try:
+        extra = await run_script(task, tokenizer, tmp_path, [
+            f"cat {data}/tasks.jsonl || echo NO_TASKS",
+            f"ls {task.repo_path} || echo NO_REPO",
+            f"cat {other.workdir}/other_rollout.txt || echo NO_OTHER",
+            "ls /root /home 2>&1; echo LISTED",
+            f"ls {Path(sys.executable).resolve().parents[3]} 2>&1 | head -3; echo PREFIX",
+            "echo x > /usr/evil 2>&1 || echo SYSTEM_READONLY",
+            "echo w > pkg_new.py && echo WROTE_WORKTREE; echo t > /tmp/t && echo WROTE_TMP",
+        ])
+    finally:
+        await other.teardown()
+    seen = _joined(extra)
+    assert "FUTURE_FIX" not in seen and "\"patch\"" not in seen and "NO_TASKS" in seen
+    assert "NO_REPO" in seen and "NO_OTHER" in seen and "B's work" not in seen
+    assert "SYSTEM_READONLY" in seen and "WROTE_WORKTREE" in seen and "WROTE_TMP" in seen
+    assert not os.path.exists("/usr/evil") and not (tmp_path / "t").exists()
+    assert "pkg_new.py" in extra["model_patch"]
 
-    work = tmp_path / "work"
-    work.mkdir()
-    prefix = bwrap_argv(PROBE.executable, writable=[work], chdir=work)
-    env = isolated_environment(LocalEnvironment, prefix)(cwd=str(work), timeout=20)
-    out = env.execute({"command": "echo 'quoted $HOME' > f.txt; cat f.txt; " + CONNECT.format(port=loopback_server)})
-    assert out["output"].startswith("quoted ") and "CONNECTED" not in out["output"] and out["returncode"] != 0
-    assert (work / "f.txt").exists()
+
+@needs_bwrap
+async def test_no_privilege_even_for_a_root_driver(task, tokenizer, tmp_path):
+    extra = await run_script(task, tokenizer, tmp_path, [
+        "id -u; grep -E 'CapEff|CapBnd|NoNewPrivs' /proc/self/status",
+        "mount -o remount,bind,rw / 2>&1 || echo REMOUNT_REFUSED",
+        "umount /tmp 2>&1 || echo UMOUNT_REFUSED",
+    ])
+    seen = _joined(extra)
+    assert "CapEff:\t0000000000000000" in seen and "CapBnd:\t0000000000000000" in seen and "NoNewPrivs:\t1" in seen
+    assert "REMOUNT_REFUSED" in seen and "UMOUNT_REFUSED" in seen
+    if ROOT:
+        assert "\n65534\n" in "\n" + seen + "\n" or seen.lstrip().startswith("65534")
 
 
-def test_bwrap_refuses_to_hide_the_interpreter(tmp_path):
-    with pytest.raises(ValueError, match="would hide"):
-        bwrap_argv("bwrap", writable=[tmp_path], hide=[sys.prefix])
+@needs_bwrap
+async def test_git_config_the_agent_writes_never_runs_on_the_host(task, tokenizer, tmp_path):
+    pwned = tmp_path / "PWNED"
+    extra = await run_script(task, tokenizer, tmp_path, [
+        f"git config core.fsmonitor 'touch {pwned}-fsmonitor; echo'",
+        f"git config filter.evil.clean 'touch {pwned}-filter; cat' && echo '* filter=evil' > .gitattributes",
+        f"git config diff.external 'sh -c \"touch {pwned}-diff; echo FORGED\"'",
+        f"printf '#!/bin/sh\\ntouch {pwned}-hook\\n' > .git/hooks/pre-commit && chmod +x .git/hooks/pre-commit",
+        "git config core.hooksPath .git/hooks && git config alias.diff '!touch /tmp/x'",
+        "sed -i 's/41/42/' pkg.py && git diff --stat",
+    ])
+    assert list(tmp_path.glob("PWNED*")) == []
+    patch = extra["model_patch"]
+    # The patch is the work tree's real change (no external diff chose it), filters did not run.
+    assert "-    return 41\n+    return 42" in patch and "FORGED" not in patch
+    assert extra["resolved"], extra["grade"]["log_tail"][-1500:]
 
 
-async def test_without_bwrap_the_sandbox_works_and_says_unisolated(task, tmp_path, caplog):
+@needs_bwrap
+async def test_trainer_secrets_and_host_sockets_are_out_of_reach(task, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-value")
+    monkeypatch.setenv("HF_TOKEN", "hf-secret-value")
+    sock_path = tmp_path / "host.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock_path))
+    server.listen(1)
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(1)
+    try:
+        extra = await run_script(task, tokenizer, tmp_path, [
+            "env | grep -i -E 'wandb|hf_token|secret-value' || echo NO_SECRETS",
+            f"python -c \"import socket; s=socket.socket(socket.AF_UNIX); s.connect('{sock_path}')\" 2>&1 | tail -1",
+            f"python -c \"import socket; socket.create_connection(('127.0.0.1', {tcp.getsockname()[1]}), timeout=3)\""
+            " 2>&1 | tail -1",
+            "ls ../runner 2>&1; ln -s /etc/passwd ../runner/runner_result.json 2>&1 || echo NO_RUNNER_DIR",
+        ])
+    finally:
+        server.close()
+        tcp.close()
+    seen = _joined(extra)
+    assert "secret-value" not in seen and "NO_SECRETS" in seen
+    assert "FileNotFoundError" in seen or "No such file" in seen  # the socket's path does not exist inside
+    assert "ConnectionRefused" in seen or "unreachable" in seen.lower() or "Errno" in seen
+    assert "NO_RUNNER_DIR" in seen
+    assert Path("/etc/passwd").read_text().startswith("root:")  # the runner wrote its own result file
+
+
+@needs_bwrap
+async def test_limits_end_the_command_with_an_observation(task, tokenizer, tmp_path):
+    extra = await run_script(task, tokenizer, tmp_path, [
+        "for i in $(seq 300); do sleep 30 >/dev/null 2>&1 & done 2>&1 | tail -2; echo FORKS_DONE",
+        "python -c \"b = bytearray(3 << 30)\" 2>&1 | tail -1",
+        "head -c 100000000 /dev/zero 2>&1 >/tmp/big; ls -la /tmp/big | awk '{print $5}'; df -h /tmp | tail -1",
+        "head -c 60000000 /dev/zero > big.bin; ls -la big.bin | awk '{print \"SIZE\", $5}'; rm -f big.bin",
+        "yes 0123456789 | head -c 5000000",
+        "sleep 60",
+    ], max_processes=64, max_memory_bytes=1 << 30, tmp_bytes=8 << 20, max_file_bytes=20 << 20)
+    obs = extra["observations"]
+    assert "Resource temporarily unavailable" in obs[0] or "fork" in obs[0]
+    assert "MemoryError" in obs[1]
+    assert "No space left on device" in obs[2]
+    assert "File size limit exceeded" in obs[3] or "SIZE 20971520" in obs[3]
+    assert "[output truncated:" in obs[4] and len(obs[4]) < 80_000
+    assert "timed out" in obs[5].lower()
+    assert {"output_truncated", "command_timeout"} <= set(extra["limits_hit"])
+
+
+@needs_bwrap
+async def test_commands_cannot_leave_daemons(task, tokenizer, tmp_path):
+    """A daemon (setsid, double fork, cleared environment: no rollout marker) ends with its command."""
+    extra = await run_script(task, tokenizer, tmp_path, [
+        "(setsid sleep 777.125 &); (env -i setsid nohup sleep 777.125 >/dev/null 2>&1 &); echo STARTED",
+        "pgrep -f 777.125 || echo NO_DAEMONS",
+    ])
+    assert "STARTED" in extra["observations"][0] and "NO_DAEMONS" in extra["observations"][1]
+    assert [p for p in psutil.process_iter(["cmdline"]) if "777.125" in (p.info["cmdline"] or [])] == []
+
+
+@needs_bwrap
+async def test_the_copy_holds_only_the_base_commit(task, tokenizer, tmp_path):
+    extra = await run_script(task, tokenizer, tmp_path, [
+        "git log --all --oneline | wc -l", "git tag; git branch -a; echo REFS_LISTED",
+        "git fsck --lost-found 2>&1 | grep -c dangling || true", "git reflog | wc -l",
+        "git cat-file --batch-all-objects --batch-check | wc -l; git grep -r FUTURE_FIX $(git rev-list --all) || echo NO_FIX",
+    ])
+    obs = extra["observations"]
+    assert obs[0].strip().splitlines()[0] == "1"
+    assert "v-fixed" not in obs[1] and "fix-branch" not in obs[1]
+    assert obs[2].strip().splitlines()[-1] == "0"
+    assert "NO_FIX" in obs[4] and "FUTURE_FIX" not in _joined(extra)
+
+
+@needs_bwrap
+async def test_a_workdir_over_its_limit_ends_the_rollout(task, tokenizer, tmp_path):
+    extra = await run_script(task, tokenizer, tmp_path, ["head -c 3000000 /dev/urandom > blob1.bin", "echo after"],
+                             agent={"max_workdir_bytes": 1_000_000})
+    assert extra["exit_status"] == "agent_error" and extra["agent_exit_status"] == "SandboxLimitExceeded"
+    assert "workdir_bytes" in extra["limits_hit"]
+    assert not any("after" in o for o in extra["observations"])
+
+
+KILLED_RUN = textwrap.dedent("""
+    import sys
+    from recipe.rollout import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@needs_bwrap
+async def test_a_killed_16_rollout_run_leaves_nothing_running(task, tmp_path, tiny_model_dir):
+    """kill -9 of the rollout driver while 16 rollouts run commands: every process is gone within
+    10 s (the runners die with the driver, the jails with their runners), the directories at the
+    next start."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = {"data_source": "test", "prompt": [{"role": "user", "content": "x"}], "ability": "swe",
+           "agent_name": "swe_agent", "reward_model": {"style": "rule", "ground_truth": ""},
+           "extra_info": json.loads(task.model_dump_json())}
+    data = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist([row]), data)
+    script = tmp_path / "hang.sh"
+    script.write_text("(setsid sleep 123.456 &); sleep 123.456\n")
+    boxes = tmp_path / "boxes"
+    argv = [sys.executable, "-c", KILLED_RUN, f"data={data}", "policy=script", f"script={script}", "n=16",
+            "concurrency=16", f"out_dir={tmp_path / 'out'}", f"model_path={tiny_model_dir}",
+            f"swe_agent.sandbox.parent_dir={boxes}"]
+    driver = subprocess.Popen(argv, cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+
+    def sleepers() -> list[int]:
+        return [p.pid for p in psutil.process_iter(["cmdline"]) if "123.456" in (p.info["cmdline"] or [])]
+
+    deadline = time.monotonic() + 240
+    while len(sleepers()) < 16 and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    assert len(sleepers()) >= 16, "the rollouts did not start their commands"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    killed_at = time.monotonic()
+    while sleepers() and time.monotonic() - killed_at < 10:
+        await asyncio.sleep(0.2)
+    assert sleepers() == []
+    assert len(list(boxes.iterdir())) == 16  # left for the next start's reaper
+    removed = await asyncio.to_thread(reap_stale_sandboxes, boxes)
+    assert len(removed) == 16 and list(boxes.iterdir()) == []
+
+
+async def test_without_isolation_the_sandbox_works_and_says_unisolated(task, tmp_path, caplog, monkeypatch):
     box = await LocalSandbox.create(task, parent_dir=str(tmp_path / "boxes"), isolation="none")
     try:
         assert not box.isolated and box.command_prefix == []
-        res = await run_command(box.wrap_command("echo hi"), cwd=box.workdir, timeout_s=10)
+        res = await run_command(box.wrap_command("echo hi"), cwd=box.workdir, env=box.env(), timeout_s=10)
         assert res.output == "hi\n"
     finally:
         await box.teardown()
-    from sandbox.bwrap import BwrapProbe
+    import sandbox.local
 
-    missing = BwrapProbe(False, None, "bwrap not found on PATH")
-    box = await LocalSandbox.create(task, parent_dir=str(tmp_path / "boxes"), isolation="auto", bwrap=missing)
+    monkeypatch.setattr(sandbox.local, "bwrap_available", lambda: False)
+    box = await LocalSandbox.create(task, parent_dir=str(tmp_path / "boxes"), isolation="auto")
     try:
         assert not box.isolated
-        assert "NOT isolated (bwrap not found on PATH)" in caplog.text
+        assert "NOT isolated" in caplog.text
     finally:
         await box.teardown()
-    with pytest.raises(SandboxError, match="bwrap not found"):
-        await LocalSandbox.create(task, parent_dir=str(tmp_path / "boxes"), isolation="bwrap", bwrap=missing)
+    with pytest.raises(SandboxError, match="bubblewrap"):
+        await LocalSandbox.create(task, parent_dir=str(tmp_path / "boxes"), isolation="bwrap")
     assert list((tmp_path / "boxes").iterdir()) == []
 
 
