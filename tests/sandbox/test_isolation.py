@@ -228,7 +228,7 @@ async def test_commands_cannot_leave_daemons(task, tokenizer, tmp_path):
     """A daemon (setsid, double fork, cleared environment: no rollout marker) ends with its command."""
     extra = await run_script(task, tokenizer, tmp_path, [
         "(setsid sleep 777.125 &); (env -i setsid nohup sleep 777.125 >/dev/null 2>&1 &); echo STARTED",
-        "pgrep -f 777.125 || echo NO_DAEMONS",
+        "ps -e -o comm= | grep -x sleep || echo NO_DAEMONS",
     ])
     assert "STARTED" in extra["observations"][0] and "NO_DAEMONS" in extra["observations"][1]
     assert [p for p in psutil.process_iter(["cmdline"]) if "777.125" in (p.info["cmdline"] or [])] == []
