@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         _export_platform_env(cfg)
         with contextlib.redirect_stdout(sys.stderr):  # keep stdout the config alone
             _validate_for_verl(cfg)
+        check_cpu_precision(cfg)
     except (ConfigCompositionException, OmegaConfBaseException, ValueError, AssertionError) as exc:
         print(f"recipe.train: invalid configuration: {exc}", file=sys.stderr)
         return 2
@@ -150,6 +151,53 @@ def check_policy_tokens(cfg: DictConfig) -> None:
         tokenizer.chat_template = model.custom_chat_template
     model_type = getattr(AutoConfig.from_pretrained(model.path, trust_remote_code=trust), "model_type", None)
     make_token_builder(tokenizer, family=cfg.swe_agent.proxy.token_builder, hf_model_type=model_type)
+
+
+# FSDP engine sections whose mixed precision decides the dtype of every training matmul.
+_FSDP_SECTIONS = ("actor_rollout_ref.actor", "actor_rollout_ref.ref", "critic")
+# CPU flags with native bf16/fp16 matrix math (oneDNN uses them); without them ATen falls back to
+# its reference GEMM (at::native::cpublas::gemm_stub), single-threaded.
+_HALF_MATMUL_FLAGS = ("avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def check_cpu_precision(cfg: DictConfig, cpu_flags: set[str] | None = None) -> None:
+    """Refuse half-precision FSDP training on a CPU without half-precision matrix units.
+
+    verl's FSDP engine defaults to ``mixed_precision.param_dtype=bf16`` with bf16 autocast
+    (``verl/workers/engine/fsdp/transformer_impl.py``). On an AVX2 CPU every bf16 matmul then
+    runs ATen's reference GEMM: measured here, SmolLM2-135M's update took ~290 ms per token
+    instead of ~25 with fp32. The CPU profile sets fp32 (``configs/profile/cpu.yaml``).
+
+    Raises:
+        ValueError: ``trainer.device=cpu`` and a used FSDP section's param dtype is bf16/fp16
+            while the CPU lacks ``_HALF_MATMUL_FLAGS``; the message names the key and the fix.
+    """
+    if str(OmegaConf.select(cfg, "trainer.device", default="")) != "cpu":
+        return
+    flags = _cpu_flags() if cpu_flags is None else cpu_flags
+    if any(flag in flags for flag in _HALF_MATMUL_FLAGS):
+        return
+    for section in _FSDP_SECTIONS:
+        if OmegaConf.select(cfg, f"{section}.strategy", default=None) not in ("fsdp", "fsdp2"):
+            continue
+        if section == "critic" and not OmegaConf.select(cfg, "critic.enable", default=False):
+            continue
+        mixed = OmegaConf.select(cfg, f"{section}.fsdp_config.mixed_precision", default=None)
+        dtype = str((mixed or {}).get("param_dtype", "bf16"))
+        if dtype in ("bf16", "bfloat16", "fp16", "float16"):
+            raise ValueError(
+                f"{section}.fsdp_config.mixed_precision.param_dtype is {dtype} (verl's default when unset) on a "
+                "CPU without bf16/fp16 matrix units: every matmul would run ATen's slow reference GEMM. Set "
+                f"{section}.fsdp_config.mixed_precision={{param_dtype: fp32, reduce_dtype: fp32, buffer_dtype: fp32}} "
+                "(configs/profile/cpu.yaml does)")
 
 
 def _validate_for_verl(cfg: DictConfig) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,3 +53,23 @@ def test_inconsistent_verl_settings_fail_before_ray_starts():
                    "actor_rollout_ref.rollout.n=3", env={"N_GPUS": "8"})
     assert proc.returncode == 2
     assert "invalid configuration" in proc.stderr and "divisible" in proc.stderr
+
+
+def test_cpu_training_in_bf16_without_bf16_matmul_units_fails_naming_the_fix():
+    """verl's FSDP default (bf16 params + autocast) runs ATen's reference GEMM on an AVX2 CPU (~10x
+    slower update, measured with SmolLM2); the CPU profile trains in fp32 and a bf16 override is refused."""
+    from recipe.train import check_cpu_precision, compose_config
+
+    cfg = compose_config(["profile=cpu"])
+    check_cpu_precision(cfg, cpu_flags={"avx2"})  # the profile's fp32 passes
+    assert cfg.actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype == "fp32"
+    bf16 = compose_config(["profile=cpu", "actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype=bf16"])
+    with pytest.raises(ValueError, match=r"actor_rollout_ref\.ref\.fsdp_config\.mixed_precision"):
+        check_cpu_precision(bf16, cpu_flags={"avx2"})
+    check_cpu_precision(bf16, cpu_flags={"avx2", "amx_bf16"})  # a CPU with bf16 matrix units may
+    proc = subprocess.run(
+        [sys.executable, "-m", "recipe.train", "--dry-run", "profile=cpu",
+         "~actor_rollout_ref.actor.fsdp_config.mixed_precision"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    if "avx512_bf16" not in Path("/proc/cpuinfo").read_text() and "amx_bf16" not in Path("/proc/cpuinfo").read_text():
+        assert proc.returncode == 2 and "param_dtype is bf16" in proc.stderr, proc.stderr[-2000:]
