@@ -80,7 +80,8 @@ class AgentSettings:
     llm_retry_attempts: int = 1
     # A command's observation keeps this many bytes of its output (the rest is counted, not kept).
     max_output_bytes: int = 65536
-    # The rollout ends as agent_error when the work tree grows past this many bytes; 0 = no check.
+    # The rollout ends as agent_error when the work tree and the commands' home together grow past
+    # this many bytes (each entry counts at least 4 KiB), checked after each command; 0 = no check.
     max_workdir_bytes: int = 1073741824
 
 
@@ -93,9 +94,11 @@ class SandboxSettings:
     parent_dir: str | None = None
     # "auto" (bubblewrap when it works here, else unisolated with a warning), "bwrap" (required), "none".
     isolation: str = "auto"
-    # The jail of the agent's commands (sandbox/jail.py): uid when the trainer runs as root,
+    # The jail of the agent's commands (sandbox/jail.py): when the trainer runs as root, each sandbox
+    # leases its own uid from run_as_uid .. run_as_uid + uid_pool_size - 1 (0 = always run_as_uid);
     # processes of that uid, address space per process (bytes), any file's size (bytes), /tmp (bytes).
-    run_as_uid: int = 65534
+    run_as_uid: int = 200000
+    uid_pool_size: int = 4096
     max_processes: int = 1024
     max_memory_bytes: int = 8589934592
     max_file_bytes: int = 1073741824
@@ -107,7 +110,8 @@ class SandboxSettings:
         """The jail of the agent's commands (``sandbox.jail.JailSpec``)."""
         from sandbox.jail import JailSpec
 
-        return JailSpec(uid=self.run_as_uid, gid=self.run_as_uid, max_processes=self.max_processes,
+        return JailSpec(uid=self.run_as_uid, gid=self.run_as_uid, uid_pool_size=self.uid_pool_size,
+                        max_processes=self.max_processes,
                         max_address_space_bytes=self.max_memory_bytes, max_file_bytes=self.max_file_bytes,
                         tmp_bytes=self.tmp_bytes, require_fs_isolation=self.isolation == "bwrap")
 
@@ -158,9 +162,11 @@ class RewardSettings:
     fail_fast: bool = True
     # Limit for the whole grade of one rollout (repository copy, patch, test runs), seconds.
     grade_timeout_s: float = 600.0
-    # The test run's jail (sandbox/jail.py): uid when the trainer is root (null = uid 0 without
-    # capabilities), processes of that uid, address space per process (bytes), any file's size (bytes).
-    run_as_uid: int | None = 65534
+    # The test run's jail (sandbox/jail.py): when the trainer is root each grade leases its own uid
+    # from run_as_uid .. run_as_uid + uid_pool_size - 1 (null = uid 0 without capabilities), processes
+    # of that uid, address space per process (bytes), any file's size (bytes).
+    run_as_uid: int | None = 200000
+    uid_pool_size: int = 4096
     max_processes: int = 1024
     max_memory_bytes: int = 8589934592
     max_file_bytes: int = 1073741824
@@ -177,6 +183,7 @@ class RewardSettings:
             fail_fast=self.fail_fast,
             grade_timeout_s=self.grade_timeout_s,
             run_as_uid=self.run_as_uid,
+            uid_pool_size=self.uid_pool_size,
             max_processes=self.max_processes,
             max_memory_bytes=self.max_memory_bytes,
             max_file_bytes=self.max_file_bytes,

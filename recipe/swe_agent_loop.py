@@ -48,7 +48,7 @@ from recipe.runners.mini_swe_agent import AgentRun, run_mini_swe_agent
 from recipe.runners.swe_agent import run_swe_agent
 from recipe.trajectory import TrajectoryRecord, append_record
 from reward.compute_score import get_grader
-from sandbox.local import LocalSandbox, SandboxError
+from sandbox.local import LocalSandbox, PatchTooLarge, SandboxError
 from sandbox.shim import ResourceShim
 
 logger = logging.getLogger(__name__)
@@ -328,7 +328,11 @@ class SWEAgentLoop(AgentLoopBase):
             info.limits_hit = list(agent.limits_hit)
             info.error = agent.error or (session.error or "")
             stage = ExitStatus.SANDBOX_ERROR
-            info.model_patch = await sandbox.extract_patch()
+            try:
+                info.model_patch = await sandbox.extract_patch(max_bytes=self.swe_config.reward.max_patch_bytes)
+            except PatchTooLarge as exc:  # graded as no patch (the grader would refuse it too)
+                info.model_patch, info.error = "", str(exc)
+                info.limits_hit = [*info.limits_hit, "patch_bytes"]
         except SandboxError as exc:
             info.exit_status = ExitStatus.SANDBOX_ERROR.value
             info.error = str(exc)

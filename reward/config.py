@@ -60,9 +60,11 @@ class RewardConfig:
             ``git apply`` of both patches and the test run), seconds; past it the
             grade stops with error ``grade_timeout`` and reward 0, like the test
             run's own ``timeout_s``.
-        run_as_uid: when the grader runs as root, the test run's uid (65534,
-            ``nobody``: ``sandbox.jail``); None keeps uid 0 with every capability
-            dropped (then ``max_processes`` cannot hold).
+        run_as_uid: when the grader runs as root, the first uid of the test runs' pool
+            (each grade leases its own, ``sandbox.jail.lease_uid``, so the process limit
+            counts one grade only); None keeps uid 0 with every capability dropped (then
+            ``max_processes`` cannot hold).
+        uid_pool_size: uids in that pool; 0 = every grade runs as ``run_as_uid``.
         max_processes: processes of the test run's uid, at most (``RLIMIT_NPROC``).
         max_memory_bytes: address space of each test process, bytes (``RLIMIT_AS``).
         max_file_bytes: size of any file the test run writes, bytes (``RLIMIT_FSIZE``).
@@ -76,7 +78,8 @@ class RewardConfig:
     protect: bool = True
     fail_fast: bool = False
     grade_timeout_s: float = DEFAULT_GRADE_TIMEOUT_S
-    run_as_uid: int | None = 65534
+    run_as_uid: int | None = 200000
+    uid_pool_size: int = 4096
     max_processes: int = 1024
     max_memory_bytes: int = 8 << 30
     max_file_bytes: int = 1 << 30
@@ -110,7 +113,7 @@ class RewardConfig:
             value = values[f.name]
             if f.name in ("timeout_s", "grade_timeout_s"):
                 value = float(value)
-            elif f.name in ("max_patch_bytes", "run_as_uid", "max_processes", "max_memory_bytes", "max_file_bytes"):
+            elif f.name in ("max_patch_bytes", "run_as_uid", "uid_pool_size", "max_processes", "max_memory_bytes", "max_file_bytes"):
                 value = int(value)
             elif f.name in ("allow_binary", "protect", "fail_fast") and isinstance(value, str):
                 value = value.strip().lower() in ("1", "true", "yes", "on")

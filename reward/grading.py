@@ -50,7 +50,7 @@ from reward.test_log import (
 )
 from reward.variants import UNPARSABLE_SIMILARITY, binary_reward, partial_reward, patch_similarity
 from sandbox.gitrepo import GitError, checkout_copy, git, git_env
-from sandbox.jail import give_to_jail
+from sandbox.jail import JailSpec, give_to_jail, lease_uid
 from sandbox.process import run_command
 
 # Error classes a grade can carry (None = the tests ran to completion).
@@ -392,11 +392,13 @@ async def _run_tests(
         runner = PytestRun(pytest_cmd, work_root=str(tmp)) if pytest_cmd is not None else None
         home = tmp / "home"
         home.mkdir()
-        # The jail's uid owns the grade's copy (the test run writes there), and nothing else.
-        await asyncio.to_thread(give_to_jail, network.spec, tmp)
+        # This grade's own uid (the process limit counts per uid) owns the grade's copy, and nothing else.
+        lease = await asyncio.to_thread(lease_uid, network.spec)
         try:
-            await _run_phases(result, task, repo, config, network, runner, home)
+            await asyncio.to_thread(give_to_jail, lease.spec, tmp)
+            await _run_phases(result, task, repo, config, network, runner, home, lease.spec)
         finally:
+            lease.release()
             if runner is not None:
                 await asyncio.to_thread(runner.__exit__)
         return result
@@ -408,7 +410,7 @@ async def _run_tests(
 
 async def _run_phases(
     result: GradeResult, task: SWETask, repo: Path, config: RewardConfig, network: NetworkPolicy,
-    runner: PytestRun | None, home: Path,
+    runner: PytestRun | None, home: Path, spec: JailSpec,
 ) -> None:
     """Run the test phases (``_phases``) and record every listed test's outcome in ``result``."""
     fail_to_pass = list(task.FAIL_TO_PASS)
@@ -428,10 +430,13 @@ async def _run_phases(
             if is_unittest_command(task.test_cmd):
                 selected = _unique([unittest_selector(name) for name in selected])
             command = shell_join(" ".join([task.test_cmd, *failfast]), selected)
+        readable = grading_readable(task) + ([str(runner.dir)] if runner is not None else [])
         argv = await asyncio.to_thread(lambda: network.wrap(
-            command, writable=[str(repo.parent)], readable=grading_readable(task), chdir=str(repo)))
+            command, writable=[str(repo.parent)], readable=readable, chdir=str(repo), spec=spec))
         result.network = network.effective
-        run = await run_command(argv, cwd=repo, env=grading_env(task, str(home)), timeout_s=config.timeout_s)
+        env = {**grading_env(task, str(home)), **(runner.env() if runner is not None else {})}
+        run = await run_command(argv, cwd=repo, env=env, timeout_s=config.timeout_s,
+                                pass_fds=runner.pass_fds() if runner is not None else ())
         logs.append(run.output)
         if runner is not None:
             reported = await asyncio.to_thread(runner.outcomes)

@@ -66,9 +66,12 @@ class NetworkPolicy:
             return self._effective
 
     def wrap(self, command: str, *, writable: list[str] = (), readable: list[str] = (),  # type: ignore[assignment]
-             chdir: str | None = None) -> list[str]:
-        """argv running the shell ``command`` in the grading jail (blocking: may probe)."""
-        spec = self.spec
+             chdir: str | None = None, spec: JailSpec | None = None) -> list[str]:
+        """argv running the shell ``command`` in the grading jail (blocking: may probe).
+
+        ``spec``: this grade's jail with its leased uid (``sandbox.jail.lease_uid(self.spec).spec``).
+        """
+        spec = spec or self.spec
         if self.effective == "env":
             spec = JailSpec(**{**spec.__dict__, "network": True})
         return jail_argv(spec, ["bash", "-c", command], writable=list(writable), readable=list(readable),
@@ -77,7 +80,8 @@ class NetworkPolicy:
 
 def grading_policy(config: RewardConfig) -> NetworkPolicy:
     """The network mode and jail (uid, limits) of ``config``'s test runs."""
-    spec = JailSpec(uid=config.run_as_uid, gid=config.run_as_uid, max_processes=config.max_processes,
+    spec = JailSpec(uid=config.run_as_uid, gid=config.run_as_uid, uid_pool_size=config.uid_pool_size,
+                    max_processes=config.max_processes,
                     max_address_space_bytes=config.max_memory_bytes, max_file_bytes=config.max_file_bytes)
     return NetworkPolicy(config.network, spec)
 

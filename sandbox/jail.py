@@ -10,10 +10,13 @@
   the command's first process exits the kernel kills every process left in the
   namespace -- daemons that ``setsid``, double-fork or clear their environment
   included (``--die-with-parent`` does the same if the caller dies);
-- when the caller is root, as an unprivileged uid (default 65534, ``nobody``) with
-  every capability dropped and ``no_new_privs`` set (``setpriv``): root's capabilities
-  would let it remount the read-only views, change owners, or ignore the process limit
-  (the kernel never applies ``RLIMIT_NPROC`` to uid 0);
+- when the caller is root, as an unprivileged uid with every capability dropped and
+  ``no_new_privs`` set (``setpriv``): root's capabilities would let it remount the
+  read-only views, change owners, or ignore the process limit (the kernel never applies
+  ``RLIMIT_NPROC`` to uid 0). The kernel counts ``RLIMIT_NPROC`` per uid across the host,
+  so each jail leases its own uid from a pool (``lease_uid``: ``uid`` .. ``uid +
+  uid_pool_size - 1``, file locks shared by every process on the host): one rollout's
+  fork bomb cannot starve its siblings or the grader;
 - under resource limits (``prlimit``): processes of that uid, address space and file
   size per process, open files, no core dumps.
 
@@ -30,8 +33,10 @@ secrets such as ``WANDB_API_KEY``, tokens, proxies) reaches the command.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
+import tempfile
 import shutil
 import subprocess
 import sys
@@ -39,6 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NOBODY = 65534
+# First uid of the default pool: above the system and login ranges of /etc/login.defs.
+POOL_START = 200000
+# Where the pool's lock files live (one per uid in use; shared by every process on the host).
+UID_LOCK_DIR = os.path.join(tempfile.gettempdir(), "swe-rl-uids")
 # Seconds an availability probe may take.
 PROBE_TIMEOUT_S = 10.0
 # Locale and terminal settings every jailed command gets.
@@ -53,7 +62,9 @@ class JailSpec:
 
     Attributes:
         uid, gid: the ids to run as when the caller is root (ignored otherwise); None =
-            stay uid 0 with every capability dropped.
+            stay uid 0 with every capability dropped. With ``uid_pool_size`` > 0, ``uid`` is
+            the first of a pool and ``lease_uid`` picks a free one (gid = uid).
+        uid_pool_size: uids in the pool; 0 = always ``uid``/``gid``.
         max_processes: ``RLIMIT_NPROC`` of that uid (not enforced for uid 0).
         max_address_space_bytes: ``RLIMIT_AS`` per process.
         max_file_bytes: ``RLIMIT_FSIZE``: no single file written larger.
@@ -63,8 +74,9 @@ class JailSpec:
         tmp_bytes: size of the private ``/tmp`` (a RAM-backed tmpfs), bytes.
     """
 
-    uid: int | None = NOBODY
-    gid: int | None = NOBODY
+    uid: int | None = POOL_START
+    gid: int | None = POOL_START
+    uid_pool_size: int = 4096
     max_processes: int | None = 1024
     max_address_space_bytes: int | None = 8 << 30
     max_file_bytes: int | None = 1 << 30
@@ -76,6 +88,43 @@ class JailSpec:
 
 class JailUnavailable(RuntimeError):
     """The jail this spec asks for cannot be built here (the message says what is missing)."""
+
+
+class UidLease:
+    """A uid of a pool held by this process until ``release()`` (an ``flock`` on its lock file:
+    the kernel drops it if the process dies). ``spec`` is the jail with that uid fixed."""
+
+    def __init__(self, spec: JailSpec, fd: int | None) -> None:
+        self.spec = spec
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def lease_uid(spec: JailSpec, lock_dir: str = UID_LOCK_DIR) -> UidLease:
+    """A free uid of ``spec``'s pool (blocking: file locks); a no-op lease when not root or no pool.
+
+    Raises:
+        JailUnavailable: every uid of the pool is in use.
+    """
+    if not running_as_root() or spec.uid is None or spec.uid_pool_size <= 0:
+        return UidLease(spec, None)
+    os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+    start = spec.uid + (os.getpid() * 7919) % spec.uid_pool_size  # spread processes over the pool
+    for i in range(spec.uid_pool_size):
+        uid = spec.uid + (start - spec.uid + i) % spec.uid_pool_size
+        fd = os.open(os.path.join(lock_dir, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        fixed = JailSpec(**{**spec.__dict__, "uid": uid, "gid": uid, "uid_pool_size": 0})
+        return UidLease(fixed, fd)
+    raise JailUnavailable(f"all {spec.uid_pool_size} uids from {spec.uid} are in use (raise uid_pool_size)")
 
 
 def running_as_root() -> bool:
@@ -128,6 +177,8 @@ def interpreter_paths(python: str | os.PathLike[str]) -> list[str]:
 def _privileges(spec: JailSpec) -> list[str]:
     argv: list[str] = []
     if running_as_root() and shutil.which("setpriv"):
+        if spec.uid is not None and spec.uid_pool_size > 0:
+            raise ValueError("a pooled JailSpec needs lease_uid(spec).spec before jail_argv")
         ids = [f"--reuid={spec.uid}", f"--regid={spec.gid}", "--clear-groups"] if spec.uid is not None else []
         argv += ["setpriv", *ids, "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all",
                  "--no-new-privs", "--"]

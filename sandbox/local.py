@@ -18,8 +18,8 @@ Isolation (``isolation``): ``bwrap`` (required), ``auto`` (bwrap when it works h
 else unisolated with a warning) or ``none``. Isolated, each agent command runs under
 ``command_prefix`` (``sandbox.jail.jail_argv``): it sees the system read-only, the
 task's interpreter read-only, the work tree and home read-write, a private size-limited
-``/tmp``, and nothing else; no network; uid 65534 without capabilities when the host
-runs as root; rlimits; and ``command_env`` (an allowlist: no trainer secret). When its
+``/tmp``, and nothing else; no network; its own leased uid (``sandbox.jail.lease_uid``)
+without capabilities when the host runs as root; rlimits; and ``command_env`` (an allowlist: no trainer secret). When its
 shell exits, or the runner dies, every process it started dies.
 
 Leak-proofing for crashed runs: each sandbox directory holds ``owner.json`` (pid and
@@ -51,11 +51,13 @@ from prepare.task import SWETask
 from sandbox.gitrepo import CACHE_EXCLUDES, GIT_ENV, checkout_copy
 from sandbox.jail import (
     JailSpec,
+    UidLease,
     bwrap_available,
     clean_env,
     give_to_jail,
     interpreter_paths,
     jail_argv,
+    lease_uid,
 )
 from sandbox.process import kill_process_group, run_command
 
@@ -75,6 +77,10 @@ SAFE_GIT_OPTIONS = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=fals
 
 class SandboxError(RuntimeError):
     """The sandbox could not be created (missing repo, unknown commit, disk)."""
+
+
+class PatchTooLarge(SandboxError):
+    """The work tree's diff is over the size limit ``extract_patch`` was given (it was not read)."""
 
 
 def find_marked_processes(rollout_id: str) -> list[psutil.Process]:
@@ -197,6 +203,7 @@ class LocalSandbox:
     command_prefix: list[str] = field(default_factory=list)
     command_env: dict[str, str] = field(default_factory=dict)
     _process_groups: list[int] = field(default_factory=list)
+    _uid_lease: UidLease | None = None
     _closed: bool = False
 
     @property
@@ -261,8 +268,14 @@ class LocalSandbox:
                 "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
                 "PIP_NO_INDEX": "1",
                 "PYTHONDONTWRITEBYTECODE": "1",
+                # The leased uid has no passwd entry: name it for tools that ask (git commit, getpass).
+                "USER": "agent", "LOGNAME": "agent",
+                **{k: v for k, v in GIT_ENV.items() if k.startswith(("GIT_AUTHOR", "GIT_COMMITTER"))},
             })
             if jailed:
+                # Its own uid: the kernel counts the process limit per uid, across every sandbox.
+                box._uid_lease = await asyncio.to_thread(lease_uid, box.jail)
+                box.jail = box._uid_lease.spec
                 await asyncio.to_thread(give_to_jail, box.jail, box.workdir, box.home)
                 box.command_prefix = jail_argv(box.jail, [], writable=[box.workdir, box.home],
                                                readable=interpreter_paths(interpreter), chdir=box.workdir)
@@ -297,8 +310,12 @@ class LocalSandbox:
         """Register a process group (e.g. the agent's) to kill at teardown."""
         self._process_groups.append(pgid)
 
-    async def extract_patch(self) -> str:
+    async def extract_patch(self, max_bytes: int | None = None) -> str:
         """The work tree's changes against ``base_commit`` as a git diff (new files included).
+
+        The diff goes to a file in ``runner_dir`` first; over ``max_bytes`` it is not read
+        (``PatchTooLarge``). Nested repositories (gitlinks: a directory holding a ``.git``) are
+        left out, so git never reads a repository the agent pointed a ``.git`` file at.
 
         Through the trusted git directory (``git_dir``): the agent's ``.git`` (its config,
         hooks, fsmonitor, refs) plays no part, and no filter, external diff or hook can run.
@@ -311,11 +328,19 @@ class LocalSandbox:
         added = await run_command([*git, "add", "-A", "--", ".", *CACHE_EXCLUDES], env=env, timeout_s=120.0)
         if added.returncode != 0 or added.timed_out:
             raise SandboxError(f"{self.task.instance_id}: cannot read the work tree: {added.output[-1000:]}")
-        diff = await run_command([*git, "diff", "--cached", "--binary", "--no-ext-diff", "--no-textconv", "HEAD"],
-                                 env=env, timeout_s=120.0)
+        staged = await run_command([*git, "ls-files", "--stage", "-z"], env=env, timeout_s=120.0)
+        gitlinks = [entry.split("\t", 1)[1] for entry in staged.output.split("\0") if entry.startswith("160000 ")]
+        if gitlinks:
+            await run_command([*git, "rm", "-q", "--cached", "-r", "--", *gitlinks], env=env, timeout_s=120.0)
+        out = self.runner_dir / "patch.diff"
+        diff = await run_command([*git, "diff", "--cached", "--binary", "--no-ext-diff", "--no-textconv",
+                                  f"--output={out}", "HEAD"], env=env, timeout_s=120.0)
         if diff.returncode != 0 or diff.timed_out:
             raise SandboxError(f"{self.task.instance_id}: cannot diff the work tree: {diff.output[-1000:]}")
-        return diff.output
+        size = out.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise PatchTooLarge(f"{self.task.instance_id}: the work tree's diff is {size} bytes, over {max_bytes}")
+        return await asyncio.to_thread(out.read_text, encoding="utf-8", errors="replace")
 
     async def teardown(self) -> None:
         """Kill every process of this rollout and delete the sandbox directory.
@@ -333,6 +358,8 @@ class LocalSandbox:
             kill_process_group(pgid)
         kill_marked_processes(self.rollout_id)
         shutil.rmtree(self.root, ignore_errors=True)
+        if self._uid_lease is not None:
+            self._uid_lease.release()
 
     @property
     def closed(self) -> bool:

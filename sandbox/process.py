@@ -45,8 +45,11 @@ async def run_command(
     env: Mapping[str, str] | None = None,
     timeout_s: float | None = None,
     stdin: bytes | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> CommandResult:
     """Run a command (argv list, or a string for ``bash -c``) in a new process group.
+
+    ``pass_fds``: open descriptors the command inherits (as ``subprocess.Popen``'s).
 
     On timeout or cancellation the whole process group is SIGKILLed and reaped.
 
@@ -66,6 +69,7 @@ async def run_command(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         start_new_session=True,
+        pass_fds=tuple(pass_fds),
     )
     timed_out = False
     try:

@@ -116,7 +116,9 @@ async def run_mini_swe_agent(
     )
     await asyncio.to_thread(spec_path.write_text, spec.model_dump_json())
 
-    argv = [sys.executable, "-m", "recipe.runners.mini_swe_agent_entry", str(spec_path)]
+    # -P and the runner directory as working directory: nothing in the work tree is importable by this
+    # host-side process (litellm imports optional packages lazily, after the agent's commands ran).
+    argv = [sys.executable, "-P", "-m", "recipe.runners.mini_swe_agent_entry", str(spec_path)]
     exit_code, timed_out, duration = await spawn_agent(
         sandbox, argv, env=agent_environment(sandbox, settings), log_path=log_path,
         timeout_s=settings.rollout_timeout_s,
@@ -164,7 +166,10 @@ async def spawn_agent(
     timeout_s: float,
     wrap_argv: Callable[[list[str]], list[str]] | None = None,
 ) -> tuple[int | None, bool, float]:
-    """Run an agent process in its own process group in the sandbox's work tree until it exits.
+    """Run an agent process in its own process group until it exits.
+
+    Its working directory is ``sandbox.runner_dir``, never the work tree: a host-side process must not
+    find the policy's files on its import path (``python -m`` puts the working directory first).
 
     stdout and stderr go to ``log_path``. At ``timeout_s`` seconds, or on
     cancellation, the whole group is SIGKILLed (cancellation then propagates).
@@ -176,7 +181,7 @@ async def spawn_agent(
     with open(log_path, "wb") as log:
         proc = await asyncio.create_subprocess_exec(
             *(wrap_argv(argv) if wrap_argv else argv),
-            cwd=str(sandbox.workdir),
+            cwd=str(sandbox.runner_dir),
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log,

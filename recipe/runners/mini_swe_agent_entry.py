@@ -110,16 +110,23 @@ def run_bounded(argv: list[str], *, cwd: str, env: dict, timeout_s: float, max_b
     return bytes(kept), total, returncode, timed_out
 
 
-def _tree_bytes(root: str) -> int:
+# Bytes an entry counts at least: a block, so many empty files or directories (inodes) count too.
+ENTRY_MIN_BYTES = 4096
+
+
+def _tree_bytes(*roots: str) -> int:
+    """Disk use of the trees at ``roots``: each file, link or directory counts its size, at least
+    ``ENTRY_MIN_BYTES``; links are not followed."""
     import os
 
     total = 0
-    for folder, _, files in os.walk(root):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(folder, name)).st_size
-            except OSError:
-                pass
+    for root in roots:
+        for folder, dirs, files in os.walk(root):
+            for name in dirs + files:
+                try:
+                    total += max(os.lstat(os.path.join(folder, name)).st_size, ENTRY_MIN_BYTES)
+                except OSError:
+                    pass
     return total
 
 
@@ -145,9 +152,11 @@ def sandboxed_environment(base_cls, spec):
                 LIMITS_HIT.append("output_truncated")
                 output["output"] = text + f"\n[output truncated: {total - len(kept)} more bytes not shown]"
             self._check_finished(output)
-            if spec.max_workdir_bytes and _tree_bytes(spec.workdir) > spec.max_workdir_bytes:
+            home = spec.command_env.get("HOME")
+            trees = [spec.workdir] + ([home] if home and home != spec.workdir else [])
+            if spec.max_workdir_bytes and _tree_bytes(*trees) > spec.max_workdir_bytes:
                 LIMITS_HIT.append("workdir_bytes")
-                reason = f"the work tree grew past {spec.max_workdir_bytes} bytes"
+                reason = f"the work tree and home grew past {spec.max_workdir_bytes} bytes"
                 raise InterruptAgentFlow({"role": "exit", "content": f"SandboxLimitExceeded: {reason}",
                                           "extra": {"exit_status": "SandboxLimitExceeded", "submission": ""}})
             return output

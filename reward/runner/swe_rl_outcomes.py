@@ -1,8 +1,10 @@
 """pytest plugin of the grader: each test's outcome, written where the tests' output never goes.
 
-The path comes in ``SWE_RL_OUTCOMES_FILE`` and is removed from the environment when
-this module is imported (before any test module, so neither the code under test nor
-its subprocesses see it). Lines are JSON: ``{"test": nodeid, "outcome": ...}`` with
+The grader passes an open file descriptor in ``SWE_RL_OUTCOMES_FD`` (its file lies in a
+directory the test run cannot see) and a per-run nonce in ``SWE_RL_OUTCOMES_NONCE``; both
+are removed from the environment when this module is imported (before any test module,
+so neither the code under test nor its subprocesses see them). Every record carries the
+nonce. Lines are JSON: ``{"test": nodeid, "outcome": ...}`` with
 the outcome pytest's ``-rA`` summary would show (``PASSED``, ``FAILED``, ``ERROR``,
 ``SKIPPED``, ``XFAIL``, ``XPASS``), ``{"collect_error": nodeid}`` for a module that
 failed to import, and a last ``{"finished": exitstatus}`` when the session ended
@@ -16,14 +18,17 @@ Written for the grader only: standard library and pytest, no project imports.
 import json
 import os
 
-_path = os.environ.pop("SWE_RL_OUTCOMES_FILE", None)
-_out = open(_path, "a", encoding="utf-8") if _path else None  # noqa: SIM115 - open for the session
+_fd = os.environ.pop("SWE_RL_OUTCOMES_FD", None)
+_nonce = os.environ.pop("SWE_RL_OUTCOMES_NONCE", "")
+_out = os.fdopen(int(_fd), "a", encoding="utf-8") if _fd else None  # noqa: SIM115 - open for the session
+if _out is not None:
+    os.set_inheritable(_out.fileno(), False)  # the tests' subprocesses do not get it
 _status: dict = {}
 
 
 def _emit(record: dict) -> None:
     if _out is not None:
-        _out.write(json.dumps(record) + "\n")
+        _out.write(json.dumps({**record, "nonce": _nonce}) + "\n")
         _out.flush()
 
 

@@ -64,7 +64,7 @@ async def test_reference_resolves_empty_and_hacks_score_zero(simple_tasks):
     assert set(removed["pytest_toml_plugin"]) == {"pytest.toml", ".pytest.toml"}
     assert set(removed["shadow_pytest"]) == {"pytest/__init__.py", "pytest/__main__.py"}
     assert all(p.startswith("force_pass_plugin-1.0.dist-info/") for p in removed["entry_point_plugin"])
-    for name in ("fake_summary_at_exit", "skip_reason_newline", "xfail_under_test"):
+    for name in ("fake_summary_at_exit", "skip_reason_newline", "xfail_under_test", "forge_outcome_channel"):
         assert removed[name] == []  # ordinary source edits: the outcome channel decides
 
 
@@ -113,3 +113,30 @@ async def test_legitimate_pyproject_change_is_kept(simple_tasks):
                                                                                      'version = "0.1.1"')})
     result = await grade_patch(task, fix_plus_metadata, timeout_s=120)
     assert result.resolved and result.removed_test_files == [], result.log_tail
+
+
+def test_the_outcome_channel_ignores_what_the_tested_code_could_write(tmp_path):
+    """Records the tested code could produce (no nonce, or written after the session finished) never
+    count; the runner's files are read-only to the jail and the outcomes file is outside its view."""
+    import json
+    import os
+
+    from reward.test_run import Outcomes, PytestCommand, PytestRun
+
+    nonce = "n0nce"
+    lines = [{"test": "t::a", "outcome": "FAILED", "nonce": nonce},
+             {"test": "t::b", "outcome": "PASSED"},                      # forged: no nonce
+             {"test": "t::a", "outcome": "PASSED", "nonce": "guess"},    # forged: wrong nonce
+             {"finished": 1, "nonce": nonce},
+             {"test": "t::a", "outcome": "PASSED", "nonce": nonce}]      # after the session: ignored
+    path = tmp_path / "o.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    got = Outcomes.read(path, nonce)
+    assert got.tests == {"t::a": TestStatus.FAILED} and got.finished and got.exit_status == 1
+    with PytestRun(PytestCommand.parse("python -m pytest -q")) as run:
+        run.command(["t::a"])
+        assert run.pass_fds() and run.env()["SWE_RL_OUTCOMES_NONCE"] == run.nonce
+        assert not str(run.outcomes_file).startswith(str(run.dir))
+        assert oct(run.dir.stat().st_mode & 0o777) == "0o755" and oct(run.outcomes_file.parent.stat().st_mode & 0o777) == "0o700"
+        assert all(not os.access(p, os.W_OK) or os.geteuid() == 0 for p in run.dir.iterdir())
+        assert all(oct(p.stat().st_mode & 0o777) == "0o644" for p in run.dir.iterdir())

@@ -8,6 +8,7 @@ Runs as the user CI runs as (root on these machines): the jail must hold for a r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -75,7 +76,7 @@ def tokenizer(tiny_model_dir):
 
 
 async def run_script(task: SWETask, tokenizer, tmp_path: Path, commands: list[str], agent: dict | None = None,
-                     **sandbox) -> dict:
+                     reward: dict | None = None, **sandbox) -> dict:
     """One policy=script rollout; returns its record's extra fields plus each command's observation."""
     script = tmp_path / f"script-{time.monotonic_ns()}.sh"
     script.write_text("\n".join(commands) + "\n")
@@ -85,7 +86,7 @@ async def run_script(task: SWETask, tokenizer, tmp_path: Path, commands: list[st
         swe_agent={"policy": "script", "script": str(script),
                    "sandbox": {"parent_dir": str(boxes), "isolation": "bwrap", **sandbox},
                    "agent": {"step_limit": len(commands) + 3, "command_timeout_s": 20, **(agent or {})},
-                   "reward": {"timeout_s": 60}},
+                   "reward": {"timeout_s": 60, **(reward or {})}},
     )
     row = {"raw_prompt": [{"role": "user", "content": task.problem_statement}],
            "extra_info": json.loads(task.model_dump_json())}
@@ -152,7 +153,7 @@ async def test_no_privilege_even_for_a_root_driver(task, tokenizer, tmp_path):
     assert "CapEff:\t0000000000000000" in seen and "CapBnd:\t0000000000000000" in seen and "NoNewPrivs:\t1" in seen
     assert "REMOUNT_REFUSED" in seen and "UMOUNT_REFUSED" in seen
     if ROOT:
-        assert "\n65534\n" in "\n" + seen + "\n" or seen.lstrip().startswith("65534")
+        assert int(seen.split()[0]) >= 200000  # a leased uid of the pool (sandbox.jail.lease_uid)
 
 
 @needs_bwrap
@@ -255,6 +256,79 @@ async def test_a_workdir_over_its_limit_ends_the_rollout(task, tokenizer, tmp_pa
     assert extra["exit_status"] == "agent_error" and extra["agent_exit_status"] == "SandboxLimitExceeded"
     assert "workdir_bytes" in extra["limits_hit"]
     assert not any("after" in o for o in extra["observations"])
+
+
+@needs_bwrap
+async def test_home_counts_toward_the_disk_limit(task, tokenizer, tmp_path):
+    """$HOME persists between commands on host disk: it counts with the work tree, as do empty files."""
+    extra = await run_script(task, tokenizer, tmp_path, ["head -c 3000000 /dev/zero > ~/blob", "echo after"],
+                             agent={"max_workdir_bytes": 2_000_000})
+    assert "workdir_bytes" in extra["limits_hit"] and not any("after" in o for o in extra["observations"])
+    extra = await run_script(task, tokenizer, tmp_path, ["mkdir many && cd many && touch $(seq 1000)", "echo after"],
+                             agent={"max_workdir_bytes": 2_000_000})
+    assert "workdir_bytes" in extra["limits_hit"]
+
+
+@needs_bwrap
+async def test_the_host_side_agent_never_imports_from_the_work_tree(task, tokenizer, tmp_path):
+    """litellm imports optional packages lazily (e.g. on a failed model call, after the commands ran):
+    modules the agent planted in its work tree must not be importable by the host-side agent process."""
+    marker = tmp_path / "HOST_IMPORTED"
+    hook = f"open({str(marker)!r}, 'w').write('imported')"
+    names = ["fastapi", "starlette", "email_validator", "python_multipart", "opentelemetry", "orjson",
+             "tiktoken", "tokenizers", "jinja2", "httpx", "openai", "litellm", "minisweagent", "yaml", "json"]
+    commands = [f"printf '%s\\n' \"{hook}\" > {name}.py" for name in names]
+    commands.append("head -c 200000 /dev/urandom")  # an observation the next model call fails on
+    await run_script(task, tokenizer, tmp_path, commands, agent={"max_output_bytes": 65536})
+    assert not marker.exists()
+
+
+@needs_bwrap
+@pytest.mark.skipif(not ROOT, reason="uids are leased only when the driver is root")
+async def test_each_sandbox_runs_as_its_own_uid(task, tmp_path):
+    """The kernel counts RLIMIT_NPROC per uid across the host: one rollout's fork bomb must not starve
+    another's commands or the grader, so each jail leases its own uid."""
+    from sandbox.jail import JailSpec
+
+    spec = JailSpec(max_processes=16)
+    boxes = [await LocalSandbox.create(task, parent_dir=str(tmp_path / "boxes"), isolation="bwrap", jail=spec)
+             for _ in range(2)]
+    try:
+        bomb = await asyncio.create_subprocess_exec(
+            *boxes[0].wrap_command("(for i in $(seq 40); do sleep 30 & done) 2>/dev/null; sleep 30"), cwd=boxes[0].workdir,
+            env=boxes[0].env(), start_new_session=True)
+        await asyncio.sleep(2)
+        starved = await run_command(boxes[0].wrap_command("sleep 0.1 & wait; echo FORKED"), cwd=boxes[0].workdir,
+                                    env=boxes[0].env(), timeout_s=20)
+        assert "Resource temporarily unavailable" in starved.output  # the bomb holds its own uid's limit
+        other = await run_command(boxes[1].wrap_command("id -u; for i in 1 2 3 4; do sleep 0.1 & done; wait; echo FORKED"),
+                                  cwd=boxes[1].workdir, env=boxes[1].env(), timeout_s=20)
+        assert "FORKED" in other.output and "Resource temporarily unavailable" not in other.output, other.output
+        assert int(other.output.split()[0]) == boxes[1].jail.uid != boxes[0].jail.uid
+        assert all(box.jail.uid >= spec.uid for box in boxes)
+        if bomb.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                bomb.kill()
+        await bomb.wait()
+    finally:
+        for box in boxes:
+            await box.teardown()
+
+
+@needs_bwrap
+async def test_patch_limits_and_nested_repositories(task, tokenizer, tmp_path):
+    """A diff over the reward's max_patch_bytes is never read (graded as no patch); a ``.git`` file
+    pointing at a host repository does not make host git read it into the patch."""
+    project = Path(__file__).resolve().parents[2]
+    extra = await run_script(task, tokenizer, tmp_path, [
+        f"mkdir ext && echo 'gitdir: {project}/.git' > ext/.git && echo x > ext/f",
+        "sed -i 's/41/42/' pkg.py",
+    ])
+    assert "Subproject commit" not in extra["model_patch"] and "ext/" not in extra["model_patch"]
+    assert "+    return 42" in extra["model_patch"]
+    extra = await run_script(task, tokenizer, tmp_path, ["head -c 3000000 /dev/urandom | base64 > big.txt"],
+                             reward={"max_patch_bytes": 1_000_000})
+    assert extra["model_patch"] == "" and "patch_bytes" in extra["limits_hit"] and extra["reward"] == 0.0
 
 
 KILLED_RUN = textwrap.dedent("""
