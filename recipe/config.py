@@ -240,6 +240,31 @@ class SWEAgentConfig:
             raise ValueError(f"swe_agent.reward.variant={self.reward.variant!r}: expected binary, partial or similarity")
         if self.agent.mode not in ("tool_call", "text"):
             raise ValueError(f"swe_agent.agent.mode={self.agent.mode!r}: expected 'tool_call' or 'text'")
+        _check_shim(dict(self.sandbox.shim))
+
+
+def _check_shim(shim: dict[str, Any]) -> None:
+    """``swe_agent.sandbox.shim`` must build a ``sandbox.shim.ShimSettings`` (checked at start-up, not in
+    every rollout).
+
+    Raises:
+        ValueError: an unknown key (named, with the closest valid one) or a value ShimSettings refuses.
+    """
+    import dataclasses
+    import difflib
+
+    from sandbox.shim import ShimSettings
+
+    valid = [f.name for f in dataclasses.fields(ShimSettings)]
+    for key in shim:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(valid)})"
+            raise ValueError(f"swe_agent.sandbox.shim.{key}: unknown key{hint}")
+    try:
+        ShimSettings(**shim)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"swe_agent.sandbox.shim: {exc}") from exc
 
 
 def load_swe_agent_config(*overrides: Any) -> SWEAgentConfig:

@@ -68,3 +68,11 @@ def test_limit_and_infra_classes():
         ExitStatus.STEP_LIMIT, ExitStatus.CONTEXT_LIMIT, ExitStatus.ROLLOUT_TIMEOUT}
     assert {s for s in ExitStatus if s.is_infra_failure} == {
         ExitStatus.SANDBOX_ERROR, ExitStatus.PROXY_ERROR, ExitStatus.REWARD_ERROR}
+
+
+def test_a_typo_in_the_shim_section_fails_at_start_up_with_the_closest_key():
+    # Before: the dict reached ResourceShim in every rollout, a TypeError there became a masked
+    # sandbox_error per rollout and training went on with no signal.
+    with pytest.raises(ValueError, match=r"swe_agent\.sandbox\.shim\.pool_byte: unknown key \(did you mean 'pool_bytes'\?\)"):
+        load_swe_agent_config({"sandbox": {"shim": {"enabled": True, "pool_byte": 1 << 30}}})
+    assert load_swe_agent_config({"sandbox": {"shim": {"enabled": True, "pool_bytes": 1 << 30}}}).sandbox.shim
