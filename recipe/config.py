@@ -89,6 +89,7 @@ class AgentSettings:
 class SandboxSettings:
     """Where and how each rollout's working copy is made."""
 
+    # Where rollouts run: "local" (the jail of sandbox/local.py) is the one wired to the loop.
     backend: str = "local"
     # Parent directory for sandboxes; null = the system temp dir.
     parent_dir: str | None = None
@@ -240,6 +241,9 @@ class SWEAgentConfig:
             raise ValueError(f"swe_agent.reward.variant={self.reward.variant!r}: expected binary, partial or similarity")
         if self.agent.mode not in ("tool_call", "text"):
             raise ValueError(f"swe_agent.agent.mode={self.agent.mode!r}: expected 'tool_call' or 'text'")
+        if self.sandbox.backend != "local":
+            # sandbox/docker_sandbox.py is not wired into the loop yet: refuse rather than run locally.
+            raise ValueError(f"swe_agent.sandbox.backend={self.sandbox.backend!r}: only 'local' runs rollouts today")
         _check_shim(dict(self.sandbox.shim))
 
 

@@ -76,3 +76,9 @@ def test_a_typo_in_the_shim_section_fails_at_start_up_with_the_closest_key():
     with pytest.raises(ValueError, match=r"swe_agent\.sandbox\.shim\.pool_byte: unknown key \(did you mean 'pool_bytes'\?\)"):
         load_swe_agent_config({"sandbox": {"shim": {"enabled": True, "pool_byte": 1 << 30}}})
     assert load_swe_agent_config({"sandbox": {"shim": {"enabled": True, "pool_bytes": 1 << 30}}}).sandbox.shim
+
+
+def test_a_sandbox_backend_the_loop_cannot_run_is_refused():
+    # Before: the key was read by nothing, so backend=docker silently ran local sandboxes.
+    with pytest.raises(ValueError, match=r"swe_agent\.sandbox\.backend='docker'"):
+        load_swe_agent_config({"sandbox": {"backend": "docker"}})
