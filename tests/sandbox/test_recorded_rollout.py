@@ -101,6 +101,9 @@ def test_reference_with_tests_rollout_records_a_tool_burst(tmp_path, simple_task
     tool = [r["sandbox_rss"] for r in rows if r["phase"] == "tool"]
     # The sandbox holds nothing while the model "thinks"; pytest runs are a burst above that.
     assert max(inference) == 0 and max(tool) > 10 << 20
-    assert min(r["agent_rss"] for r in rows if r["phase"] == "inference" and r["agent_rss"]) > 10 << 20
+    # The agent process's own memory is recorded too (the first sample may catch it before its
+    # imports, a few MB: the median is what it holds while it waits for the model).
+    agent = sorted(r["agent_rss"] for r in rows if r["phase"] == "inference" and r["agent_rss"])
+    assert agent and agent[len(agent) // 2] > 10 << 20
     trace = load_recorded(tmp_path / "traces", 0.01)[0]
     assert trace.mem[trace.tool].max() > trace.mem[~trace.tool].max() + 10
