@@ -146,13 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeat-fraction must be in [0, 1) and --resolving-fraction in [0, 1]")
 
     with tempfile.TemporaryDirectory(prefix="reward-bench-") as tmp:
-        tasks_dir = Path(args.tasks_dir) if args.tasks_dir else Path(tmp) / "simple"
-        if not args.tasks_dir:
-            subprocess.run(
-                [sys.executable, str(ROOT / "prepare" / "prepare_data.py"), "--mode", "simple", "--out", str(tasks_dir),
-                 "--num-tasks", str(args.num_tasks), "--seed", str(args.seed), "--no-progress"],
-                check=True, cwd=ROOT, capture_output=True,
-            )
+        tasks_dir = bench_tasks(args, Path(tmp))
         all_tasks = load_tasks(str(tasks_dir / "tasks.jsonl"))
         # One task per repo first (a stratified pick on multi-package sets such as smith).
         firsts = list({t.repo: t for t in reversed(all_tasks)}.values())[::-1]
@@ -203,15 +197,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def bench_tasks(args: argparse.Namespace, tmp: Path) -> Path:
+    """``--tasks-dir``, or ``--num-tasks`` simple tasks generated under ``tmp`` (seed ``--seed``)."""
+    if args.tasks_dir:
+        return Path(args.tasks_dir)
+    tasks_dir = tmp / "simple"
+    subprocess.run(
+        [sys.executable, str(ROOT / "prepare" / "prepare_data.py"), "--mode", "simple", "--out", str(tasks_dir),
+         "--num-tasks", str(args.num_tasks), "--seed", str(args.seed), "--no-progress"],
+        check=True, cwd=ROOT, capture_output=True)
+    return tasks_dir
+
+
 def compare_revision(args: argparse.Namespace) -> int:
     """Alternate this checkout's cache+fast grading with ``args.compare_rev``'s (see the module docstring)."""
     with tempfile.TemporaryDirectory(prefix="reward-compare-") as tmp:
-        tasks_dir = Path(args.tasks_dir) if args.tasks_dir else Path(tmp) / "simple"
-        if not args.tasks_dir:
-            subprocess.run(
-                [sys.executable, str(ROOT / "prepare" / "prepare_data.py"), "--mode", "simple", "--out", str(tasks_dir),
-                 "--num-tasks", str(args.num_tasks), "--seed", str(args.seed), "--no-progress"],
-                check=True, cwd=ROOT, capture_output=True)
+        tasks_dir = bench_tasks(args, Path(tmp))
         old = Path(tmp) / "old"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(old), args.compare_rev],
                        check=True, capture_output=True)
