@@ -13,6 +13,8 @@ servers in one process, e.g. tests, do not collide). Names:
   sampled turn (see ``profiling.py``).
 - ``model_proxy_ttft_seconds``: time to the first content event of a streamed answer.
 - ``model_proxy_active_sessions``: sessions open now.
+- ``model_proxy_disconnects_total``: chat requests whose client went away before its
+  body arrived (not an error of the proxy's, so not in ``errors_total``).
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class ProxyMetrics:
         )
         self.ttft = Histogram(
             "model_proxy_ttft_seconds", "Time to first streamed content event", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.disconnects = Counter(
+            "model_proxy_disconnects", "Chat requests abandoned by their client mid-body", registry=r
         )
         active = Gauge("model_proxy_active_sessions", "Open sessions", registry=r)
         active.set_function(lambda: float(active_sessions()))

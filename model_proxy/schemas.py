@@ -64,7 +64,12 @@ class ChatCompletionRequest(_Lenient):
     Sampling keys sent by the agent (``temperature``, ``top_p``) are recorded but the
     trainer's sampling parameters win; ``max_tokens`` / ``max_completion_tokens``
     can only lower the per-turn limit. ``stop`` is recorded, not applied (the
-    trainer's sampling parameters define the policy). ``n`` other than 1 is refused.
+    trainer's sampling parameters define the policy). Options that would change the
+    shape of the answer and that the proxy cannot honour are refused with a 400 rather
+    than dropped (``server.refuse_unsupported_options``): ``n`` other than 1,
+    ``logprobs``/``top_logprobs`` (sampled-token logprobs are recorded for training,
+    not returned), ``logit_bias``, a ``response_format`` other than text, a
+    ``tool_choice`` other than ``auto``, and the legacy ``functions``/``function_call``.
     """
 
     model: str | None = None
@@ -79,6 +84,12 @@ class ChatCompletionRequest(_Lenient):
     stream: bool | None = None
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
 
 
 class ResponseFunction(BaseModel):

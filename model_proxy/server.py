@@ -52,6 +52,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .errors import ProxyError, error_body, session_not_found
 from .metrics import CONTENT_TYPE, ProxyMetrics
@@ -220,7 +221,8 @@ class ModelProxyServer:
                 (``profiling.py``); None = off (a session can still set its own).
             max_request_bytes: larger request bodies get 413.
             render_cache_entries: size of the per-builder text -> token-ids cache under
-                verl's Continuous Token builder (``render_cache.py``); 0 = off.
+                verl's Continuous Token builder (``render_cache.py``); 0 = no memo (renders still
+                keep special-token text in observations as text).
             inline_tokenize_max_chars: a request whose new text (appended messages plus
                 tool schemas) is at most this many characters is tokenized on the event
                 loop (well under a millisecond) instead of in the executor; 0 = always the
@@ -377,15 +379,15 @@ class ModelProxyServer:
         )
 
     def _render_cached(self, builder: Any) -> Any:
-        """``builder`` with the render cache (one cached copy per builder), or as it is."""
-        if self.render_cache_entries <= 0:
-            return builder
+        """``builder`` rendering through ``render_cache`` (one copy per builder; it also keeps
+        special-token text in observations as text, so it applies with 0 cache entries too),
+        or ``builder`` as it is where that copy would change its tokens."""
         try:
             cached = self._cached_builders.get(builder)
         except TypeError:  # not weak-referenceable: use it uncached
             return builder
         if cached is None:
-            cached = with_render_cache(builder, TextTokenCache(self.render_cache_entries))
+            cached = with_render_cache(builder, TextTokenCache(max(0, self.render_cache_entries)))
             self._cached_builders[builder] = cached
         return cached
 
@@ -489,6 +491,12 @@ class ModelProxyServer:
                 return Response(outcome.response.model_dump_json(), media_type="application/json")
             except ProxyError as exc:
                 return self._error_response(exc, "chat")
+            except ClientDisconnect:
+                # Nothing was parsed or generated: the session is as it was. Not an error of ours.
+                self.metrics.disconnects.inc()
+                logger.info("model proxy: session %s: the client disconnected before its request body arrived",
+                            session_id[:8])
+                return Response(status_code=499)
             finally:
                 if not streaming:
                     session.response_left()
@@ -624,7 +632,7 @@ def _parse_chat_request(body: bytes) -> ChatCompletionRequest:
 
     Raises:
         ProxyError(400): invalid JSON (``invalid_json``), schema violations
-            (``invalid_request``), ``n > 1`` (``invalid_value``).
+            (``invalid_request``), an option it cannot honour (``refuse_unsupported_options``).
     """
     try:
         request = ChatCompletionRequest.model_validate_json(body)
@@ -637,9 +645,37 @@ def _parse_chat_request(body: bytes) -> ChatCompletionRequest:
             raise ProxyError(400, "The request body must be a JSON object.", code="invalid_request") from exc
         message, param = _describe_validation_errors(errors)
         raise ProxyError(400, message, code="invalid_request", param=param) from exc
+    refuse_unsupported_options(request)
+    return request
+
+
+def refuse_unsupported_options(request: ChatCompletionRequest) -> None:
+    """Refuse request options that would change the answer's shape and cannot be honoured
+    (``ChatCompletionRequest``); silently dropping them would hand the agent an answer
+    it did not ask for.
+
+    Raises:
+        ProxyError(400, code="invalid_value" for ``n``, else "unsupported_parameter"),
+            naming the option in ``param``.
+    """
     if request.n is not None and request.n != 1:
         raise ProxyError(400, f"Only n=1 is supported, got n={request.n}.", code="invalid_value", param="n")
-    return request
+    refused = {
+        "logprobs": request.logprobs is True,
+        "top_logprobs": bool(request.top_logprobs),
+        "logit_bias": bool(request.logit_bias),
+        "response_format": request.response_format is not None
+        and request.response_format.get("type", "text") != "text",
+        "tool_choice": request.tool_choice not in (None, "auto"),
+        "functions": request.functions is not None,
+        "function_call": request.function_call is not None,
+    }
+    for param, unsupported in refused.items():
+        if unsupported:
+            why = ("sampled-token logprobs are recorded for training, not returned"
+                   if param in ("logprobs", "top_logprobs") else "the policy's own output is returned as sampled")
+            raise ProxyError(400, f"{param}={getattr(request, param)!r} is not supported by the model proxy: {why}.",
+                             code="unsupported_parameter", param=param)
 
 
 def _describe_validation_errors(errors: Any) -> tuple[str, str | None]:

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from prepare.chat_template import chatml_tools_template
 
@@ -83,24 +84,16 @@ def find_gguf(cache_dir: Path = DEFAULT_CACHE) -> Path:
     return target
 
 
-def convert(out_dir: Path, gguf: Path | None = None, cache_dir: Path = DEFAULT_CACHE) -> Path:
-    """Write the checkpoint to ``out_dir`` (see module docstring); returns ``out_dir``.
-
-    Takes ~30 s (de-quantizing) and ~540 MB on disk. An existing complete checkpoint is kept.
+def load_tokenizer(gguf: Path) -> Any:
+    """SmolLM2's tokenizer from its GGUF, with the special tokens and template fixed
+    (see module docstring); a few seconds, no weights read.
 
     Raises:
         RuntimeError: the converted tokenizer does not have the expected special ids.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    out_dir = Path(out_dir)
-    if (out_dir / "model.safetensors").is_file() and (out_dir / "tokenizer_config.json").is_file():
-        return out_dir
-    gguf = Path(gguf) if gguf else find_gguf(cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-
     tokenizer.eos_token = EOS
     tokenizer.pad_token = EOS
     tokenizer.bos_token = BOS
@@ -111,6 +104,26 @@ def convert(out_dir: Path, gguf: Path | None = None, cache_dir: Path = DEFAULT_C
         raise RuntimeError(f"unexpected SmolLM2 vocabulary: {EOS} -> {tokenizer.convert_tokens_to_ids(EOS)}")
     if EOS_ID not in tokenizer.all_special_ids:
         raise RuntimeError(f"{EOS} is not a special token after conversion")
+    return tokenizer
+
+
+def convert(out_dir: Path, gguf: Path | None = None, cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """Write the checkpoint to ``out_dir`` (see module docstring); returns ``out_dir``.
+
+    Takes ~30 s (de-quantizing) and ~540 MB on disk. An existing complete checkpoint is kept.
+
+    Raises:
+        RuntimeError: the converted tokenizer does not have the expected special ids.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    if (out_dir / "model.safetensors").is_file() and (out_dir / "tokenizer_config.json").is_file():
+        return out_dir
+    gguf = Path(gguf) if gguf else find_gguf(cache_dir)
+    tokenizer = load_tokenizer(gguf)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     for cfg in (model.config, model.generation_config):
         cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = BOS_ID, EOS_ID, EOS_ID
 

@@ -223,3 +223,24 @@ async def test_profile_log_and_analysis(tmp_path, tokenizer, token_builder):
     for name in ("total_ms", "queue_ms", "generate_ms", "ttft_ms", "prompt_tokens", "completion_tokens", "tool_ms"):
         assert (out / f"proxy_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert analyze_main([str(tmp_path / "empty-or-missing")]) == 2
+
+
+@pytest.mark.parametrize("option", [
+    {"logprobs": True}, {"logprobs": True, "top_logprobs": 5}, {"logit_bias": {"42": 5.0}},
+    {"response_format": {"type": "json_object"}}, {"tool_choice": "required"},
+])
+async def test_options_the_proxy_cannot_honour_are_refused_not_dropped(proxy, tokenizer, token_builder, option):
+    backend = RecordingBackend(ScriptedPolicyBackend(tokenizer, ["ls"]))
+    handle = proxy.open_session(make_config(backend, tokenizer, token_builder))
+    client = _client(handle)
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                             tools=[BASH_TOOL], **option)
+    assert info.value.code == "unsupported_parameter" and info.value.param == list(option)[0]
+    assert not backend.calls  # nothing was generated for it
+    # The defaults clients send are accepted.
+    answer = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                                  tools=[BASH_TOOL], logprobs=False, tool_choice="auto",
+                                                  response_format={"type": "text"})
+    assert answer.choices[0].message.tool_calls
+    await client.close()

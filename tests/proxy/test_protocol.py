@@ -143,3 +143,31 @@ async def test_stop_closes_sessions_and_port(tokenizer, token_builder):
     async with httpx.AsyncClient() as client:
         with pytest.raises(httpx.ConnectError):
             await client.get(f"{server.base_url}/health")
+
+
+async def test_a_client_leaving_mid_body_is_a_disconnect_not_an_error(proxy, open_session, caplog):
+    import asyncio
+    from urllib.parse import urlsplit
+
+    handle = open_session()
+    url = urlsplit(handle.base_url)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    writer.write((f"POST {url.path}/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                  f"Authorization: Bearer {handle.api_key}\r\nContent-Type: application/json\r\n"
+                  "Content-Length: 5000\r\n\r\n" '{"messages": [').encode())
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    await writer.wait_closed()
+    async with httpx.AsyncClient() as client:
+        for _ in range(50):  # the server notices the close on its own schedule
+            metrics = (await client.get(f"{proxy.base_url}/metrics")).text
+            if "model_proxy_disconnects_total 1.0" in metrics:
+                break
+            await asyncio.sleep(0.05)
+        assert "model_proxy_disconnects_total 1.0" in metrics
+        assert "internal_error" not in metrics
+        assert "unexpected error" not in caplog.text
+        # The session still works.
+        response = await client.post(f"{handle.base_url}/chat/completions", json=VALID, headers=_auth(handle.api_key))
+        assert response.status_code == 200, response.text

@@ -20,7 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model_proxy.render_cache import TextTokenCache, encode_text, special_token_splitter, with_render_cache
+from model_proxy.render_cache import TextTokenCache, with_render_cache
+from model_proxy.token_pieces import encode_text, special_token_splitter
 from model_proxy.server import ModelProxyServer
 
 from model_proxy.tool_format import hermes_tool_call_text
@@ -189,7 +190,7 @@ def test_cache_is_bounded():
     cache.ids(tok, "x" * 11)
     assert len(cache) == 2  # too long to keep
     with pytest.raises(ValueError):
-        TextTokenCache(max_entries=0)
+        TextTokenCache(max_entries=-1)
 
 
 async def _session_state(tokenizer, token_builder, entries: int, inline_chars: int = 8192):
