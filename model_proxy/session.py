@@ -411,14 +411,17 @@ class ProxySession:
 
         Raises:
             ProxyError: 400 ``history_mismatch`` / ``unknown_assistant_message`` /
-                ``context_length_exceeded`` / ``invalid_messages``, 404 when the
+                ``context_length_exceeded`` / ``invalid_messages`` / ``concurrent_request``
+                (another request was answered while this one waited, and this one is not
+                its retry), 404 when the
                 session was closed meanwhile, 500 ``backend_error`` /
                 ``internal_error``, 503 ``generation_aborted``.
         """
         arrived = time.perf_counter() if arrived is None else arrived
+        answered_before = len(self._turns)
         async with self._lock:
             try:
-                return await self._chat_locked(request, arrived)
+                return await self._chat_locked(request, arrived, answered_before)
             except ProxyError:
                 raise
             except Exception as exc:  # a bug or a builder/parser failure: keep the server serving
@@ -428,8 +431,9 @@ class ProxySession:
                     500, "Internal error in the model proxy.", type="server_error", code="internal_error"
                 ) from exc
 
-    async def _chat_locked(self, request: ChatCompletionRequest, arrived: float) -> ChatOutcome:
-        """``chat`` with the session lock held."""
+    async def _chat_locked(self, request: ChatCompletionRequest, arrived: float, answered_before: int) -> ChatOutcome:
+        """``chat`` with the session lock held; ``answered_before``: turns answered when the
+        request arrived."""
         if self.closed:
             raise session_not_found()
         messages = normalize_messages(request.messages)
@@ -445,6 +449,16 @@ class ProxySession:
             # A client retry (timeout, dropped connection) of the request just answered:
             # answer it again instead of sampling a second, unrecorded turn.
             return ChatOutcome(self._last_response, None)
+        if len(self._turns) != answered_before:
+            # It was sent before the answer it waited for existed, so it cannot extend it: taking
+            # it would silently fork the session into a new segment per concurrent request.
+            raise ProxyError(
+                400,
+                "Another request on this session was answered while this one waited; requests on one "
+                "session must be sent one at a time (send the next after reading the answer).",
+                code="concurrent_request",
+                param="messages",
+            )
         self._refuse_if_stopped()
         if self._prompt_len is None:
             state = await self._initial_state(messages, tools, key, first=True)

@@ -129,3 +129,31 @@ async def test_reinserted_own_answer_is_a_rewrite_forged_one_is_refused(proxy, t
     result = proxy.close_session(handle.session_id)
     assert [s.num_turns for s in result.segments] == [1, 1]
     check_exact_state(result.segments[1], backend.calls[1:])
+
+
+async def test_concurrent_continuations_are_refused_not_forked(proxy, tokenizer, token_builder):
+    import asyncio
+
+    class Slow:
+        """Takes 0.3 s per turn, so the other requests arrive while one is generating."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def generate(self, request_id, prompt_ids, sampling_params):
+            await asyncio.sleep(0.3)
+            return await self.inner.generate(request_id, prompt_ids, sampling_params)
+
+    backend = RecordingBackend(Slow(ScriptedPolicyBackend(tokenizer, ["ls", "pwd", "id", "date"])))
+    handle = proxy.open_session(make_config(backend, tokenizer, token_builder, max_response_tokens=2000))
+    client = _client(handle)
+    system = {"role": "system", "content": "agent"}
+    results = await asyncio.gather(
+        *(_turn(client, [system, {"role": "user", "content": f"task {i}"}]) for i in range(4)),
+        return_exceptions=True)
+    answered = [r for r in results if isinstance(r, dict)]
+    refused = [r for r in results if isinstance(r, openai.BadRequestError)]
+    assert len(answered) == 1 and len(refused) == 3, results
+    assert all(r.code == "concurrent_request" for r in refused)
+    result = proxy.close_session(handle.session_id)
+    assert len(result.segments) == 1 and len(backend.calls) == 1
