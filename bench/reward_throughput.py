@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from prepare.task import SWETask, load_tasks  # noqa: E402
+from core.task import SWETask, load_tasks  # noqa: E402
 from reward.config import RewardConfig  # noqa: E402
 from reward.grader import Grader  # noqa: E402
 from reward.grading import grade_patch  # noqa: E402

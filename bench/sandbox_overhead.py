@@ -39,8 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prepare.task import SWETask  # noqa: E402
-from sandbox.gitrepo import GIT_ENV  # noqa: E402
+from core.task import SWETask  # noqa: E402
+from core.gitrepo import GIT_ENV  # noqa: E402
 from sandbox.local import LocalSandbox  # noqa: E402
 
 SEED_CONTAINER_START_S = 26.5

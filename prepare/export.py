@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prepare.task import SWETask
+from core.task import SWETask
 
 ABILITY = "software_engineering"
 AGENT_NAME = "swe_agent"

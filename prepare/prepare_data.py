@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from prepare.export import OutputPaths, write_outputs
 from prepare.repo_builder import build_task_repos
 from prepare.simple_tasks import generate_specs
-from prepare.task import SWETask, load_tasks
+from core.task import SWETask, load_tasks
 from prepare.validate import ValidationResult, format_package_table, report_failures, validate_tasks
 
 MODES = ("simple", "smith", "swebench")

@@ -17,9 +17,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from prepare.simple_tasks import DATA_SOURCE, TaskSpec
-from prepare.task import DEFAULT_TEST_CMD, SWETask
-from sandbox.gitrepo import git, git_env
-from sandbox.process import run_command
+from core.task import DEFAULT_TEST_CMD, SWETask
+from core.gitrepo import git, git_env
+from core.process import run_command
 
 # A fixed timestamp (2024-01-01T00:00:00Z) so the same files give the same commit hash.
 COMMIT_DATE = "1704067200 +0000"

@@ -60,10 +60,10 @@ from prepare.smith_env import (
     unpack,
 )
 from prepare.smith_packages import PackageSpec
-from prepare.task import SWETask
+from core.task import SWETask
 from prepare.validate import validate_task
 from reward.protected import is_test_path
-from sandbox.process import run_command
+from core.process import run_command
 
 DATA_SOURCE = "swe_smith"
 # Named timeouts (seconds).

@@ -10,7 +10,7 @@ Layout under ``<out>/packages/<slug>/``:
                    repository copy, so no clean copy of the code sits in site-packages)
     coverage.json  per-line coverage with one context per test (``coverage json --show-contexts``)
 
-Every command runs through ``sandbox.process.run_command`` (async, own process
+Every command runs through ``core.process.run_command`` (async, own process
 group, killed at its timeout).
 """
 
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prepare.smith_packages import PackageSpec
-from prepare.task import DEFAULT_TEST_CMD
+from core.task import DEFAULT_TEST_CMD
 from reward.test_log import TestStatus, parse_pytest_log
-from sandbox.process import CommandResult, run_command
+from core.process import CommandResult, run_command
 
 # Named timeouts (seconds).
 DOWNLOAD_TIMEOUT_S = 300.0  # pip download of one sdist (builds its metadata)

@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from prepare.task import SWETask
+from core.task import SWETask
 
 REQUIRED = ("instance_id", "repo", "base_commit", "problem_statement", "patch", "FAIL_TO_PASS", "PASS_TO_PASS")
 # Other exports' names for SWE-bench fields.

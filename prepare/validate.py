@@ -16,7 +16,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from prepare.task import SWETask
+from core.task import SWETask
 from reward.grading import GradeResult, grade_patch
 
 

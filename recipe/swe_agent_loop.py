@@ -41,7 +41,7 @@ from model_proxy.backends.base import GenerationBackend
 from model_proxy.backends.scripted import GenerationLatency, ScriptedPolicyBackend, reference_with_tests_commands
 from model_proxy.backends.verl_server import VerlServerBackend
 from model_proxy.server import ModelProxyServer, SessionConfig, SessionResult
-from prepare.task import SWETask
+from core.task import SWETask
 from recipe.config import Policy, SWEAgentConfig, load_swe_agent_config
 from recipe.outcome import ExitStatus
 from recipe.runners.mini_swe_agent import AgentRun, run_mini_swe_agent

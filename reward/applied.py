@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from sandbox.gitrepo import GIT_ENV
+from core.gitrepo import GIT_ENV
 
 # Seconds for each git command of this module.
 GIT_TIMEOUT_S = 60.0

@@ -36,7 +36,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from prepare.task import SWETask, load_tasks
+from core.task import SWETask, load_tasks
 from reward.config import DEFAULT_GRADE_TIMEOUT_S, RewardConfig
 from reward.grader import Grader
 from reward.grading import GradeResult

@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from prepare.task import SWETask
+from core.task import SWETask
 from reward.config import RewardConfig
 from reward.grader import Grader
 from reward.grading import GradeResult

@@ -6,7 +6,7 @@ Usage (from the repository root):
         [--max-workers 4] [--timeout 300] [--variant binary|partial|similarity]
         [--max-patch-bytes N] [--network auto|unshare|env] [--work-root DIR] [--no-progress]
 
-Inputs follow SWE-bench: instances are task records (``prepare.task.SWETask``,
+Inputs follow SWE-bench: instances are task records (``core.task.SWETask``,
 JSONL or a JSON list; FAIL_TO_PASS/PASS_TO_PASS as lists or JSON strings) with
 ``repo_path`` pointing at a local git repository; predictions carry
 ``instance_id``, ``model_name_or_path`` and ``model_patch`` (JSONL, a JSON list,
@@ -46,7 +46,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm import tqdm
 
-from prepare.task import SWETask
+from core.task import SWETask
 from reward.config import DEFAULT_GRADE_TIMEOUT_S, DEFAULT_MAX_PATCH_BYTES, NETWORK_MODES, VARIANTS, RewardConfig
 from reward.grader import Grader
 from reward.grading import GradeResult

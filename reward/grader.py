@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from prepare.task import SWETask
+from core.task import SWETask
 from reward.cache import GradeCache
 from reward.config import RewardConfig
 from reward.grading import GradeResult, grade_patch, score

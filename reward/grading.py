@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from prepare.task import SWETask
+from core.task import SWETask
 from reward.cache import GradeCache, cache_key
 from reward.config import RewardConfig
 from reward.applied import Change, applied_changes, directories_with_init, restore, tree_files
@@ -49,9 +49,9 @@ from reward.test_log import (
     unittest_selector,
 )
 from reward.variants import UNPARSABLE_SIMILARITY, binary_reward, partial_reward, patch_similarity
-from sandbox.gitrepo import GitError, checkout_copy, git, git_env
+from core.gitrepo import GitError, checkout_copy, git, git_env
 from sandbox.jail import JailSpec, give_to_jail, lease_uid
-from sandbox.process import run_command
+from core.process import run_command
 
 # Error classes a grade can carry (None = the tests ran to completion).
 GradeErrorClass = Literal[
@@ -365,7 +365,7 @@ async def _run_tests(
                 return result
             result.patch_applied = True
             # From here on the paths are git's, after applying: what the patch text claims does not count.
-            # The copy holds the base tree as its only commit (sandbox.gitrepo.checkout_copy): HEAD.
+            # The copy holds the base tree as its only commit (core.gitrepo.checkout_copy): HEAD.
             changes = await applied_changes(repo, "HEAD")
             escaped = [c.path for c in changes if _outside(repo, c.path)]
             if escaped:

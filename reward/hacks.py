@@ -58,7 +58,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from prepare.task import SWETask
+from core.task import SWETask
 from reward.patch import changed_paths
 from reward.protected import is_test_path
 

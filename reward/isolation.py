@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prepare.task import SWETask
+from core.task import SWETask
 from reward.config import RewardConfig
 from sandbox.jail import JailSpec, bwrap_available, clean_env, interpreter_paths, jail_argv, unshare_available
 

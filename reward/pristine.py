@@ -6,7 +6,7 @@ remote removal; 0.04-0.2 s measured on the simple and smith tasks); copying a
 checkout made once with ``cp -a`` costs one process (about 4-8x less, see
 ``bench/reward_throughput.py``). The prepared tree is only ever read: grades run
 in their own copies, so it stays identical to a fresh ``checkout_copy``
-(``sandbox.gitrepo``), ``.git`` included (the grader's ``git apply`` and
+(``core.gitrepo``), ``.git`` included (the grader's ``git apply`` and
 ``git show`` need it).
 """
 
@@ -24,8 +24,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandbox.gitrepo import GitError, checkout_copy
-from sandbox.process import run_command
+from core.gitrepo import GitError, checkout_copy
+from core.process import run_command
 
 # Limit for copying one prepared tree, seconds.
 COPY_TIMEOUT_S = 120.0

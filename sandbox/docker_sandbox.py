@@ -32,8 +32,8 @@ from typing import Any
 
 import psutil
 
-from prepare.task import SWETask
-from sandbox.process import CommandResult
+from core.task import SWETask
+from core.process import CommandResult
 
 logger = logging.getLogger(__name__)
 

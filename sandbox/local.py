@@ -3,7 +3,7 @@
 Layout (``root`` is private to the host, ``0700``):
 
 - ``root/repo``: the work tree at ``task.base_commit``, in a git repository holding
-  that tree as its only commit (``sandbox.gitrepo.checkout_copy``: no later commits,
+  that tree as its only commit (``core.gitrepo.checkout_copy``: no later commits,
   branches, tags or objects of the task's history). The agent may do anything to it,
   its ``.git`` included.
 - ``root/home``: the agent commands' private home.
@@ -47,8 +47,8 @@ from pathlib import Path
 
 import psutil
 
-from prepare.task import SWETask
-from sandbox.gitrepo import CACHE_EXCLUDES, GIT_ENV, checkout_copy
+from core.task import SWETask
+from core.gitrepo import CACHE_EXCLUDES, GIT_ENV, checkout_copy
 from sandbox.jail import (
     JailSpec,
     UidLease,
@@ -59,7 +59,7 @@ from sandbox.jail import (
     jail_argv,
     lease_uid,
 )
-from sandbox.process import kill_process_group, run_command
+from core.process import kill_process_group, run_command
 
 logger = logging.getLogger(__name__)
 

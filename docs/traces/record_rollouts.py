@@ -56,7 +56,7 @@ async def run(args: argparse.Namespace) -> int:
 
     from model_proxy.backends.scripted import GenerationLatency, ScriptedPolicyBackend, reference_with_tests_commands
     from model_proxy.server import ModelProxyServer
-    from prepare.task import SWETask
+    from core.task import SWETask
     from prepare.tiny_model import build_tiny_model
     from recipe.swe_agent_loop import SWEAgentLoop
 

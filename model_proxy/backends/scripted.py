@@ -122,7 +122,7 @@ class GenerationLatency:
 
 
 class _TaskLike(Protocol):
-    """The ``prepare.task.SWETask`` fields a script reads."""
+    """The ``core.task.SWETask`` fields a script reads."""
 
     patch: str
     test_cmd: str

@@ -24,7 +24,7 @@ from recipe.config import AgentSettings
 from recipe.outcome import ExitStatus, from_mini_swe_agent
 from recipe.runners.spec import RunnerResult, RunnerSpec
 from sandbox.local import LocalSandbox
-from sandbox.process import kill_process_group
+from core.process import kill_process_group
 
 _LOG_TAIL_CHARS = 4000
 

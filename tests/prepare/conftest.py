@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from prepare.task import SWETask, load_tasks
+from core.task import SWETask, load_tasks
 
 ROOT = Path(__file__).resolve().parents[2]
 # Kinds are dealt round-robin, so 8 tasks have 8 distinct bug kinds; fewer runs keep the suite fast.

@@ -16,7 +16,7 @@ from unidiff import PatchSet
 
 from prepare.export import parquet_schema
 from prepare.simple_tasks import bug_kinds
-from prepare.task import DEFAULT_TEST_CMD, SWETask, load_tasks
+from core.task import DEFAULT_TEST_CMD, SWETask, load_tasks
 from reward.grading import grade_patch
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -23,7 +23,7 @@ from prepare.mutations import find_mutations
 from prepare.smith import Candidate, _try_mutation, judge_mutation, stable_and_flaky
 from prepare.smith_env import PackageEnv, fresh_work_copy, unpack
 from prepare.smith_packages import DEFAULT_PACKAGES_FILE, PackageSpec, load_packages
-from prepare.task import load_tasks
+from core.task import load_tasks
 from reward.test_log import TestStatus
 
 HERE = Path(__file__).resolve().parent

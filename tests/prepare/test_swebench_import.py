@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from prepare.swebench_import import swebench_image_name
-from prepare.task import SWETask, load_tasks
+from core.task import SWETask, load_tasks
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "swebench_rows.jsonl"
 

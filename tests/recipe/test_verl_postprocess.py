@@ -35,7 +35,7 @@ from model_proxy.backends.base import GenerationOutput
 from model_proxy.backends.scripted import ScriptedPolicyBackend
 from model_proxy.server import ModelProxyServer
 from recipe.outcome import ExitStatus
-from prepare.task import SWETask
+from core.task import SWETask
 from recipe.swe_agent_loop import SWEAgentLoop, reference_commands
 
 PROMPT_LENGTH, RESPONSE_LENGTH = 4096, 2048

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from prepare.task import SWETask
+from core.task import SWETask
 
 BUGGY = """\
 def add_all(values):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from prepare.task import load_tasks
+from core.task import load_tasks
 from reward.config import RewardConfig
 from reward.grader import Grader
 from reward.grading import grade_patch

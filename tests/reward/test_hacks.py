@@ -9,7 +9,7 @@ import pytest
 
 from reward.hacks import EFFECTIVE_UNPROTECTED, TASK_VARIANTS, HackBuilder, build_hacks
 
-from prepare.task import load_tasks
+from core.task import load_tasks
 from reward.config import RewardConfig
 from reward.grading import grade_patch
 from reward.isolation import NetworkPolicy, grading_policy

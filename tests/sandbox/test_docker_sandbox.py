@@ -14,7 +14,7 @@ import sys
 import pytest
 from docker.models.containers import _create_container_args
 
-from prepare.task import SWETask
+from core.task import SWETask
 from sandbox.docker_sandbox import (
     LABEL_OWNER,
     LABEL_ROLLOUT,

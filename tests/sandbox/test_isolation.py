@@ -23,12 +23,12 @@ import psutil
 import pytest
 from transformers import AutoTokenizer
 
-from prepare.task import SWETask
+from core.task import SWETask
 from recipe.swe_agent_loop import SWEAgentLoop
-from sandbox.gitrepo import GIT_ENV
+from core.gitrepo import GIT_ENV
 from sandbox.jail import bwrap_available
 from sandbox.local import OWNER_FILE, LocalSandbox, SandboxError, find_marked_processes, reap_stale_sandboxes
-from sandbox.process import run_command
+from core.process import run_command
 
 needs_bwrap = pytest.mark.skipif(not bwrap_available(), reason="bubblewrap cannot create namespaces here")
 ROOT = os.geteuid() == 0
@@ -402,7 +402,7 @@ async def test_without_isolation_the_sandbox_works_and_says_unisolated(task, tmp
 
 CRASHING_OWNER = textwrap.dedent("""
     import asyncio, json, subprocess, sys, time
-    from prepare.task import SWETask
+    from core.task import SWETask
     from sandbox.local import LocalSandbox
 
     async def main():

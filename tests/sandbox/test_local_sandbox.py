@@ -9,8 +9,8 @@ import subprocess
 import psutil
 import pytest
 
-from prepare.task import SWETask
-from sandbox.gitrepo import GIT_ENV
+from core.task import SWETask
+from core.gitrepo import GIT_ENV
 from sandbox.local import LocalSandbox, SandboxError, find_marked_processes
 
 

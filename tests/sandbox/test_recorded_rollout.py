@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from model_proxy.backends.scripted import GenerationLatency, ScriptedPolicyBackend, reference_with_tests_commands
 from model_proxy.server import ModelProxyServer
-from prepare.task import SWETask
+from core.task import SWETask
 from recipe.swe_agent_loop import SWEAgentLoop
 from sandbox.measure import TreeRecorder
 from sandbox.simulate import load_recorded

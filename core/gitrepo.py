@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from sandbox.process import run_command
+from core.process import run_command
 
 # A fixed identity and no user/system config, so commits and diffs do not depend
 # on the machine's git settings.
