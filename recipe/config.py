@@ -7,11 +7,15 @@ key and the expected type.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError
+
+from reward.config import RewardConfig
 
 
 class Policy(str, Enum):
@@ -145,53 +149,6 @@ class ProxySettings:
 
 
 @dataclass
-class RewardSettings:
-    """Hidden-test grading of the extracted patch (see ``reward.config.RewardConfig``)."""
-
-    # "binary" (resolved -> 1.0), "partial" (fraction of FAIL_TO_PASS passing, 0 if a
-    # PASS_TO_PASS test breaks) or "similarity" (SWE-RL patch similarity, no test run).
-    variant: str = "binary"
-    # Limit for the hidden-test run of one rollout, seconds.
-    timeout_s: float = 300.0
-    # Larger model patches are rejected (reward 0), bytes.
-    max_patch_bytes: int = 1_000_000
-    # Test-run network isolation: "auto" | "unshare" (empty network namespace) | "env" (proxy vars only).
-    network: str = "auto"
-    # Run FAIL_TO_PASS first and stop once the reward is decided (same reward; the skipped
-    # tests are listed as not run). binary: the same single run with --maxfail=1;
-    # partial: FAIL_TO_PASS, then PASS_TO_PASS in a second run.
-    fail_fast: bool = True
-    # Limit for the whole grade of one rollout (repository copy, patch, test runs), seconds.
-    grade_timeout_s: float = 600.0
-    # The test run's jail (sandbox/jail.py): when the trainer is root each grade leases its own uid
-    # from run_as_uid .. run_as_uid + uid_pool_size - 1 (null = uid 0 without capabilities), processes
-    # of that uid, address space per process (bytes), any file's size (bytes).
-    run_as_uid: int | None = 200000
-    uid_pool_size: int = 4096
-    max_processes: int = 1024
-    max_memory_bytes: int = 8589934592
-    max_file_bytes: int = 1073741824
-
-    def to_reward_config(self):
-        """The grader's config; test-file protection is always on in training."""
-        from reward.config import RewardConfig
-
-        return RewardConfig(
-            variant=self.variant,
-            timeout_s=self.timeout_s,
-            max_patch_bytes=self.max_patch_bytes,
-            network=self.network,
-            fail_fast=self.fail_fast,
-            grade_timeout_s=self.grade_timeout_s,
-            run_as_uid=self.run_as_uid,
-            uid_pool_size=self.uid_pool_size,
-            max_processes=self.max_processes,
-            max_memory_bytes=self.max_memory_bytes,
-            max_file_bytes=self.max_file_bytes,
-        )
-
-
-@dataclass
 class MaskingSettings:
     """Which trajectories are kept out of the policy loss (response_mask all 0).
 
@@ -211,7 +168,8 @@ class SWEAgentConfig:
     agent: AgentSettings = field(default_factory=AgentSettings)
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
-    reward: RewardSettings = field(default_factory=RewardSettings)
+    # The grader's own settings class, so each reward setting has one default (reward/config.py).
+    reward: RewardConfig = field(default_factory=RewardConfig)
     masking: MaskingSettings = field(default_factory=MaskingSettings)
     scripted: ScriptedSettings = field(default_factory=ScriptedSettings)
     # Per-rollout agent trajectory files go here; null = not kept.
@@ -237,8 +195,9 @@ class SWEAgentConfig:
             )
         if self.sandbox.isolation not in ("auto", "bwrap", "none"):
             raise ValueError(f"swe_agent.sandbox.isolation={self.sandbox.isolation!r}: expected auto, bwrap or none")
-        if self.reward.variant not in ("binary", "partial", "similarity"):
-            raise ValueError(f"swe_agent.reward.variant={self.reward.variant!r}: expected binary, partial or similarity")
+        if not self.reward.protect:
+            raise ValueError("swe_agent.reward.protect=false: test-file protection is for measuring hacks "
+                             "(python -m reward.audit), never for training")
         if self.agent.mode not in ("tool_call", "text"):
             raise ValueError(f"swe_agent.agent.mode={self.agent.mode!r}: expected 'tool_call' or 'text'")
         if self.sandbox.backend != "local":
@@ -279,6 +238,25 @@ def load_swe_agent_config(*overrides: Any) -> SWEAgentConfig:
         omegaconf.errors.ValidationError: a value of the wrong type.
     """
     schema = OmegaConf.structured(SWEAgentConfig)
+    OmegaConf.set_readonly(schema.reward, False)  # a frozen dataclass (it keys graders); merged into here
     parts = [o if isinstance(o, DictConfig) else OmegaConf.create(o) for o in overrides if o is not None]
-    merged = OmegaConf.merge(schema, *parts)
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    try:
+        merged = OmegaConf.merge(schema, *parts)
+    except ConfigKeyError as exc:
+        raise ConfigKeyError(f"{exc}{_closest_key_hint(schema, exc)}") from exc
+    try:
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except ValueError as exc:  # a section's own check (e.g. RewardConfig.__post_init__)
+        message = str(exc)
+        raise ValueError(message if message.startswith("swe_agent") else f"swe_agent: {message}") from exc
+
+
+def _closest_key_hint(schema: DictConfig, exc: ConfigKeyError) -> str:
+    """`` (did you mean 'x'?)`` for an unknown key, from the valid keys of its section."""
+    full_key = str(getattr(exc, "full_key", "") or "")
+    parent, _, key = full_key.rpartition(".")
+    node = OmegaConf.select(schema, parent) if parent else schema
+    if not key or not isinstance(node, DictConfig):
+        return ""
+    close = difflib.get_close_matches(key, [str(k) for k in node.keys()], n=1)
+    return f"\n    did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""

@@ -78,7 +78,10 @@ def script_commands(path: str) -> list[str]:
 class RolloutInfo:
     """Per-rollout facts carried in ``AgentLoopOutput.extra_fields`` (same keys every time).
 
-    Times are seconds. ``masked`` means the response mask was zeroed by the masking policy.
+    Times are seconds. ``masked``: no row of the trajectory trains (every segment's
+    response_mask is all 0: the masking policy zeroed it, or nothing was sampled). Each
+    row's ``extra_fields`` add ``segment`` (its index) and ``segment_masked`` (that row's
+    mask is all 0).
     """
 
     instance_id: str = ""
@@ -352,7 +355,7 @@ class SWEAgentLoop(AgentLoopBase):
 
         # One grader per process and reward config: a GRPO group's identical patches
         # (often empty) are graded once (reward.cache).
-        grade = await get_grader(self.swe_config.reward.to_reward_config()).grade(task, info.model_patch)
+        grade = await get_grader(self.swe_config.reward).grade(task, info.model_patch)
         info.grade = grade.to_dict()
         if grade.is_infra_error:
             info.exit_status = ExitStatus.REWARD_ERROR.value
@@ -455,8 +458,9 @@ class SWEAgentLoop(AgentLoopBase):
         info.num_segments = len(segments)
         info.total_s = time.monotonic() - start
         reward = 0.0 if status.is_infra_failure else info.reward
-        outputs = []
-        for index, (prompt_ids, response_ids, mask, logprobs) in enumerate(segments):
+        status_masked = self._masked(status)
+        rows = []
+        for prompt_ids, response_ids, mask, logprobs in segments:
             n = self.response_length
             if not prompt_ids or not response_ids:
                 # Nothing was sampled (the agent never reached the model): nothing to train on.
@@ -465,11 +469,13 @@ class SWEAgentLoop(AgentLoopBase):
             else:
                 logprobs = (logprobs or [0.0] * len(response_ids))[:n]
                 response_ids, mask = response_ids[:n], mask[:n]
-            if index == len(segments) - 1:
-                info.masked = self._masked(status) or not any(mask)
-            if self._masked(status) or (index == len(segments) - 1 and info.masked):
+            if status_masked:
                 mask = [0] * len(mask)
-            outputs.append(AgentLoopOutput(
+            rows.append((prompt_ids, response_ids, mask, logprobs))
+        # A row is masked when its mask trains nothing; the trajectory when every row is.
+        info.masked = all(not any(mask) for _, _, mask, _ in rows)
+        outputs = [
+            AgentLoopOutput(
                 prompt_ids=list(prompt_ids),
                 response_ids=list(response_ids),
                 response_mask=list(mask),
@@ -477,8 +483,10 @@ class SWEAgentLoop(AgentLoopBase):
                 reward_score=reward,
                 num_turns=len(info.messages),
                 metrics=AgentLoopMetrics(generate_sequences=info.generation_s, tool_calls=info.tool_s),
-                extra_fields=dict(asdict(info), segment=index),
-            ))
+                extra_fields=dict(asdict(info), segment=index, segment_masked=not any(mask)),
+            )
+            for index, (prompt_ids, response_ids, mask, logprobs) in enumerate(rows)
+        ]
         return outputs if len(outputs) > 1 else outputs[0]
 
     async def _output_without_session(
@@ -499,7 +507,7 @@ class SWEAgentLoop(AgentLoopBase):
             reward_score=0.0,
             num_turns=0,
             metrics=AgentLoopMetrics(),
-            extra_fields=asdict(info),
+            extra_fields=dict(asdict(info), segment=0, segment_masked=True),
         )
 
     def _placeholder_tokens(self) -> tuple[list[int], list[int], list[int], list[float]]:

@@ -111,15 +111,17 @@ def compute_score(
         files), ``error`` (the grade's error class, "" if none).
 
     Raises:
-        ValueError: ``extra_info`` is missing, or a reward setting is invalid.
+        ValueError: ``extra_info`` is missing, or a reward setting is unknown (named,
+            with the closest valid one) or invalid.
         pydantic.ValidationError: ``extra_info`` does not describe a task.
     """
+    settings = {k: v for k, v in kwargs.items() if k not in ("work_root", "use_cache")}
+    config = RewardConfig.from_mapping(settings, section="custom_reward_function.reward_kwargs")
     if extra_info is None:
         raise ValueError("compute_score needs the row's extra_info to rebuild the task")
     task = SWETask.from_extra_info(extra_info)
     candidate = extra_info.get(MODEL_PATCH_KEY)
     patch = candidate if isinstance(candidate, str) else (solution_str or "")
-    config = RewardConfig.from_mapping(kwargs)
     use_cache = kwargs.get("use_cache", True)
     if isinstance(use_cache, str):
         use_cache = use_cache.strip().lower() in ("1", "true", "yes", "on")

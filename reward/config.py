@@ -1,12 +1,14 @@
 """Settings of the reward: which variant, limits, and how the test run is isolated.
 
-One frozen dataclass, so it can key a grader (``reward.compute_score``) and be
-built from verl's ``custom_reward_function.reward_kwargs`` or YAML through
-OmegaConf (``OmegaConf.structured(RewardConfig)``).
+One frozen dataclass, so it can key a grader (``reward.compute_score``), built from
+verl's ``custom_reward_function.reward_kwargs`` (``from_mapping``) or, as the
+``swe_agent.reward`` section of the recipe's schema, from YAML through OmegaConf.
+Each setting has its one default here.
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -54,8 +56,9 @@ class RewardConfig:
             not run when no FAIL_TO_PASS test passes, and stops at its first
             failure). The reward is the same as without it; the tests that did
             not run are listed in ``GradeResult.not_run`` instead of the
-            success/failure lists. Default False (the evaluator and task
-            validation need every test's outcome); training turns it on.
+            success/failure lists. Default True (training, through the loop or
+            verl's ``compute_score``); the evaluator, the audit and task validation
+            ask for every test's outcome explicitly (``fail_fast=False``).
         grade_timeout_s: wall-clock limit of one whole grade (repository copy,
             ``git apply`` of both patches and the test run), seconds; past it the
             grade stops with error ``grade_timeout`` and reward 0, like the test
@@ -76,7 +79,7 @@ class RewardConfig:
     allow_binary: bool = False
     network: str = "auto"
     protect: bool = True
-    fail_fast: bool = False
+    fail_fast: bool = True
     grade_timeout_s: float = DEFAULT_GRADE_TIMEOUT_S
     run_as_uid: int | None = 200000
     uid_pool_size: int = 4096
@@ -97,15 +100,22 @@ class RewardConfig:
             raise ValueError(f"reward max_patch_bytes must be > 0, got {self.max_patch_bytes!r}")
 
     @classmethod
-    def from_mapping(cls, values: dict[str, Any] | None) -> RewardConfig:
-        """Build from a dict (e.g. verl's ``reward_kwargs``), ignoring keys that are not fields.
+    def from_mapping(cls, values: dict[str, Any] | None, *, section: str = "reward") -> RewardConfig:
+        """Build from a dict (e.g. verl's ``reward_kwargs``); None values keep the default.
 
         Numbers given as strings (Hydra overrides) are converted to the field's type.
 
         Raises:
-            ValueError: a value is out of range or cannot be converted.
+            ValueError: a key that is not a field (named as ``{section}.{key}``, with the
+                closest field), or a value out of range or that cannot be converted.
         """
         values = dict(values or {})
+        names = [f.name for f in fields(cls)]
+        for key in values:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(names)})"
+                raise ValueError(f"{section}.{key}: unknown reward setting{hint}")
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
             if f.name not in values or values[f.name] is None:

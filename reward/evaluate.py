@@ -293,7 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # The whole-grade limit leaves the test run its full --timeout plus room for the copy and git.
     config = RewardConfig(variant=args.variant, timeout_s=args.timeout, max_patch_bytes=args.max_patch_bytes,
-                          network=args.network, grade_timeout_s=max(DEFAULT_GRADE_TIMEOUT_S, args.timeout + 300.0))
+                          network=args.network, grade_timeout_s=max(DEFAULT_GRADE_TIMEOUT_S, args.timeout + 300.0),
+                          fail_fast=False)  # the report lists every test's outcome
     report = asyncio.run(evaluate(inputs, config, max_workers=args.max_workers, work_root=args.work_root,
                                   progress=not args.no_progress))
     out = Path(args.out)

@@ -72,6 +72,9 @@ ERROR_CLASSES: tuple[str, ...] = GradeErrorClass.__args__  # type: ignore[attr-d
 # these rollouts rather than score them 0 (all others are the patch's fault).
 INFRA_ERROR_CLASSES = frozenset({"repo_missing", "workdir_error"})
 
+# ``grade_patch``'s settings when none are given: every test's outcome (validation, tests).
+FULL_RUN = RewardConfig(fail_fast=False)
+
 # Outcomes that decide a run stopped early or a reward is still open.
 _PASSING = frozenset({TestStatus.PASSED})
 # Outcomes that pass only when the reference patch gives the same one (an expected failure or skip).
@@ -499,7 +502,7 @@ async def grade_patch(
             "empty_patch" without running the tests. By default the tests run
             anyway, which is how task validation checks that FAIL_TO_PASS fails
             at ``base_commit``.
-        config: reward settings (``RewardConfig()`` when None).
+        config: reward settings; None = ``FULL_RUN`` (every test's outcome, no fail-fast).
         network: the network policy to use (one per grader, so the namespace
             probe runs once); None = a new ``NetworkPolicy(config.network)``.
         cache: share grades of identical filtered patches of the same instance
@@ -526,7 +529,7 @@ async def grade_patch(
         asyncio.CancelledError: propagated after cleanup.
     """
     start = time.monotonic()
-    config = config or RewardConfig()
+    config = config or FULL_RUN
     if timeout_s is not None and timeout_s != config.timeout_s:
         config = RewardConfig(**{**asdict(config), "timeout_s": float(timeout_s)})
     network = network or grading_policy(config)

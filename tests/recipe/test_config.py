@@ -82,3 +82,31 @@ def test_a_sandbox_backend_the_loop_cannot_run_is_refused():
     # Before: the key was read by nothing, so backend=docker silently ran local sandboxes.
     with pytest.raises(ValueError, match=r"swe_agent\.sandbox\.backend='docker'"):
         load_swe_agent_config({"sandbox": {"backend": "docker"}})
+
+
+def test_reward_section_is_the_graders_config_with_one_default():
+    from reward.config import RewardConfig
+
+    cfg = load_swe_agent_config(OmegaConf.load(CONFIGS / "swe_agent.yaml"))
+    assert type(cfg.reward) is RewardConfig and cfg.reward == RewardConfig()
+    assert cfg.reward.fail_fast  # the training path's default, the same in verl's compute_score
+    assert load_swe_agent_config({"reward": {"fail_fast": False, "run_as_uid": None}}).reward == RewardConfig(
+        fail_fast=False, run_as_uid=None)
+
+
+def test_unknown_keys_name_the_closest_valid_one():
+    with pytest.raises(ConfigKeyError, match=r"did you mean reward\.fail_fast"):
+        load_swe_agent_config({"reward": {"fail_fst": True}})
+    with pytest.raises(ConfigKeyError, match=r"did you mean agent\.step_limit"):
+        load_swe_agent_config({"agent": {"step_limt": 5}})
+    with pytest.raises(ValueError, match="reward variant 'bogus'"):
+        load_swe_agent_config({"reward": {"variant": "bogus"}})
+    with pytest.raises(ValueError, match="protect=false"):
+        load_swe_agent_config({"reward": {"protect": False}})
+
+
+def test_verls_reward_kwargs_refuse_unknown_keys():
+    from reward.compute_score import compute_score
+
+    with pytest.raises(ValueError, match=r"reward_kwargs\.timout_s: unknown reward setting \(did you mean 'timeout_s'\?\)"):
+        compute_score("swe", "", "", extra_info={"instance_id": "x"}, timout_s=5)

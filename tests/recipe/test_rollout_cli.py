@@ -79,3 +79,27 @@ def test_unknown_option_fails_with_its_name(tmp_path):
     proc = run_cli("concurency=2", f"out_dir={tmp_path}")
     assert proc.returncode != 0
     assert "concurency" in proc.stderr
+
+
+def test_predictions_touch_only_task_files_with_a_relative_out_dir(simple_tasks_dir, tiny_model_dir, tmp_path):
+    """As the quickstart runs it: a relative out_dir (resolved before any agent starts, so
+    no file of ours -- trajectories, records -- lands in a work tree and its patch)."""
+    from unidiff import PatchSet
+
+    from core.task import load_tasks
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "recipe.rollout", f"data={simple_tasks_dir / 'test.parquet'}", "policy=reference",
+         f"model_path={tiny_model_dir}", "out_dir=outputs/relative", "limit=2", "concurrency=2",
+         "swe_agent.trajectory_dir=outputs/relative/agent"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tasks = {t.instance_id: t for t in load_tasks(simple_tasks_dir / "tasks.jsonl")}
+    predictions = [json.loads(line)
+                   for line in (tmp_path / "outputs/relative/predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 2
+    for prediction in predictions:
+        touched = {f.path for f in PatchSet(prediction["model_patch"])}
+        allowed = {f.path for f in PatchSet(tasks[prediction["instance_id"]].patch)}
+        assert touched and touched <= allowed, (prediction["instance_id"], touched - allowed)
+    assert list((tmp_path / "outputs/relative/agent").rglob("*.traj.json"))  # kept, outside the work trees

@@ -59,7 +59,18 @@ def test_masking_covers_every_segment(loop):
     info = RolloutInfo(instance_id="i", rollout_id="r", exit_status="step_limit")
     outputs = loop._output_from_session(session(segments), agent(ExitStatus.STEP_LIMIT), info, time.monotonic())
     assert all(sum(o.response_mask) == 0 for o in outputs)
-    assert outputs[-1].extra_fields["masked"]
+    # Every row says so, not only the last (earlier segments recorded masked=False).
+    assert all(o.extra_fields["masked"] and o.extra_fields["segment_masked"] for o in outputs)
+
+
+def test_a_segment_without_samples_is_masked_alone(loop):
+    # The agent's last request was a rewrite answered by nothing: only that row trains nothing.
+    segments = [segment([1], [2, 3], [1, 1]), segment([1, 4], [5], [0])]
+    info = RolloutInfo(instance_id="i", rollout_id="r", exit_status="submitted", reward=1.0)
+    outputs = loop._output_from_session(session(segments), agent(), info, time.monotonic())
+    assert [o.extra_fields["segment_masked"] for o in outputs] == [False, True]
+    assert outputs[0].response_mask == [1, 1]
+    assert not any(o.extra_fields["masked"] for o in outputs)  # the trajectory still trains
 
 
 def test_single_segment_is_a_single_output(loop):

@@ -79,7 +79,7 @@ async def test_fail_fast_keeps_rewards_and_lists_skipped_tests(calc_task):
     breaking = calc_task.patch.replace("+    for value in values:", "+    for value in values[:-1]:")
     assert breaking != calc_task.patch
     for variant in ("binary", "partial"):
-        full_cfg = RewardConfig(variant=variant)
+        full_cfg = RewardConfig(variant=variant, fail_fast=False)
         fast_cfg = replace(full_cfg, fail_fast=True)
         for patch in (calc_task.patch, breaking, ""):
             full = await grade_patch(calc_task, patch, config=full_cfg, timeout_s=120)
