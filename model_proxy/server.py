@@ -38,13 +38,12 @@ import json
 import logging
 import secrets
 import socket
-import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -60,7 +59,7 @@ from .profiling import ProfileWriters
 from .render_cache import DEFAULT_MAX_ENTRIES as DEFAULT_RENDER_CACHE_ENTRIES
 from .render_cache import TextTokenCache, with_render_cache
 from .schemas import ChatCompletionRequest
-from .session import ChatOutcome, ProxySession, Segment, SessionConfig, SessionResult, TurnRecord
+from .session import ChatOutcome, ProxySession, Segment, SessionConfig, SessionResult, SessionStop, TurnRecord
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
@@ -70,6 +69,7 @@ __all__ = [
     "SessionConfig",
     "SessionHandle",
     "SessionResult",
+    "SessionStop",
     "TurnRecord",
 ]
 
@@ -144,18 +144,9 @@ def _bind(host: str, port: int, tries: int) -> socket.socket:
 class ModelProxyServer:
     """One HTTP server on the current event loop serving many rollout sessions.
 
-    Use ``await ModelProxyServer.start()`` for a private server or
-    ``await ModelProxyServer.shared()`` for the one server of the running loop.
+    Use ``await ModelProxyServer.start()``; whoever starts it owns it and stops it (the
+    agent loop's worker: ``recipe.worker_resources.WorkerResources``).
     """
-
-    # Per-event-loop registry for ``shared()``: loop -> task starting (then holding) that
-    # loop's server. The only module/class-level mutable state: verl runs every rollout
-    # of a worker on one loop, and a new agent-loop object is made per sample, so the
-    # server must outlive the objects that use it. Entries are removed by ``stop()``
-    # and pruned when their loop is closed; the lock guards the dict across threads
-    # (loops in different threads), never held across an await.
-    _shared_servers: ClassVar[dict[asyncio.AbstractEventLoop, asyncio.Task[ModelProxyServer]]] = {}
-    _shared_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(
         self,
@@ -295,51 +286,11 @@ class ModelProxyServer:
         finally:
             sock.close()
 
-    @classmethod
-    async def shared(cls, host: str = "127.0.0.1", port: int = 0, **options: Any) -> ModelProxyServer:
-        """The server of the running event loop, started on first use.
-
-        Concurrent first callers on one loop share one start. ``host``/``port`` and
-        ``options`` (``start``'s keyword arguments, e.g. ``profile_log_dir``) only apply
-        to that first start.
-        """
-        loop = asyncio.get_running_loop()
-        with cls._shared_lock:
-            for other in [other for other in cls._shared_servers if other.is_closed()]:
-                del cls._shared_servers[other]
-            task = cls._shared_servers.get(loop)
-            if task is not None and task.done():
-                if task.cancelled() or task.exception() is not None or task.result().stopped:
-                    task = None
-            if task is None:
-                task = loop.create_task(cls.start(host=host, port=port, **options), name="model-proxy-shared-start")
-                cls._shared_servers[loop] = task
-        # shield: a caller cancelled while waiting must not cancel the start for others.
-        return await asyncio.shield(task)
-
-    @classmethod
-    async def stop_shared(cls) -> None:
-        """Stop the running loop's shared server, if one was started (or is starting)."""
-        loop = asyncio.get_running_loop()
-        with cls._shared_lock:
-            task = cls._shared_servers.pop(loop, None)
-        if task is None:
-            return
-        try:
-            server = await asyncio.shield(task)
-        except Exception:  # it failed to start: nothing to stop
-            return
-        await server.stop()
-
     async def stop(self) -> None:
         """Close every session, stop serving, release the port. Idempotent."""
         if self.stopped:
             return
         self.stopped = True
-        with self._shared_lock:
-            for loop, task in list(self._shared_servers.items()):
-                if task.done() and not task.cancelled() and task.exception() is None and task.result() is self:
-                    del self._shared_servers[loop]
         for session in self._sessions.values():
             session.close()
         self._sessions.clear()

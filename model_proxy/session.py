@@ -58,12 +58,13 @@ from array import array
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Literal
 
 import jinja2
 from verl.utils.tokenizer.continuous_token import ContinuousTokenBuilder
 
-from .backends.base import GenerationBackend, GenerationOutput
+from .backends.base import GenerationBackend, GenerationOutput, StopReason
 from .errors import ProxyError, context_length_exceeded, history_mismatch, session_not_found
 from .messages import first_difference, message_key, normalize_messages, normalize_tools, tools_key
 from .profiling import ProfileWriter
@@ -75,6 +76,14 @@ logger = logging.getLogger(__name__)
 
 Phase = Literal["inference", "tool"]
 HistoryRewritePolicy = Literal["new_segment", "error"]
+
+
+class SessionStop(str, Enum):
+    """Why a session accepts no more turns (``SessionResult.stop``); the agent loop maps
+    these to its exit statuses (``recipe.swe_agent_loop``)."""
+
+    CONTEXT_LIMIT = "context_limit"  # the response budget is used up, or a turn was cut by max_tokens
+    ABORTED = "aborted"  # the backend aborted a generation (e.g. a weight sync)
 
 
 @dataclass
@@ -212,8 +221,7 @@ class SessionResult:
             turn's backend returned no logprobs.
         messages: the last segment's conversation.
         num_turns: assistant turns generated in the whole session.
-        stop: None, ``"context_limit"`` (budget exhausted or a turn cut by max_tokens)
-            or ``"aborted"`` (the backend aborted a generation).
+        stop: None or a ``SessionStop``.
         error: None or the last refusal that indicates a broken protocol
             (``"history_mismatch"``, ``"unknown_assistant_message"``,
             ``"backend_error: ..."``).
@@ -231,7 +239,7 @@ class SessionResult:
     response_logprobs: list[float] | None
     messages: list[dict[str, Any]]
     num_turns: int
-    stop: str | None
+    stop: SessionStop | None
     error: str | None
     generation_s: float
     tool_s: float
@@ -307,12 +315,12 @@ class ProxySession:
         # each request's copy of the history does not outlive it and load the cyclic GC).
         self._last_request_len: int | None = None
         self._last_response: ChatCompletionResponse | None = None
-        self._last_stop_reason: str | None = None
+        self._last_stop_reason: StopReason | None = None
         # Assistant messages a new segment may contain (message_key): every turn this
         # session produced, plus those in its first request (demonstrations).
         self._known_assistant: set[tuple[Any, ...]] = set()
         # Outcome and timing.
-        self._stop: str | None = None
+        self._stop: SessionStop | None = None
         self._error: str | None = None
         self._generation_s = 0.0
         self._tool_s = 0.0
@@ -467,13 +475,13 @@ class ProxySession:
         return await self._generate_turn(request, messages, state, arrived)
 
     def _refuse_if_stopped(self) -> None:
-        if self._stop == "context_limit":
+        if self._stop is SessionStop.CONTEXT_LIMIT:
             raise context_length_exceeded("the session's response budget is used up")
-        if self._stop == "aborted":
+        if self._stop is SessionStop.ABORTED:
             raise _aborted_error()
         if self._last_stop_reason == "length":  # (stop is already "context_limit" then)
             # A truncated turn has no end-of-turn token; context after it would be off-format.
-            self._end_session("context_limit")
+            self._end_session(SessionStop.CONTEXT_LIMIT)
             raise context_length_exceeded("the previous turn reached its token limit without finishing")
 
     async def _initial_state(
@@ -491,7 +499,7 @@ class ProxySession:
             ) from exc
         limit = self.config.max_prompt_tokens
         if limit is not None and len(prompt_ids) > limit:
-            self._end_session("context_limit")
+            self._end_session(SessionStop.CONTEXT_LIMIT)
             raise context_length_exceeded(f"the prompt has {len(prompt_ids)} tokens, more than the {limit}-token limit")
         return _State(
             runtime_ids=prompt_ids,
@@ -568,7 +576,7 @@ class ProxySession:
             self._error = "history_mismatch"
             raise history_mismatch(f"the new messages cannot be appended: {exc}") from exc
         if len(new_mask) >= self.config.max_response_tokens:
-            self._end_session("context_limit")
+            self._end_session(SessionStop.CONTEXT_LIMIT)
             raise context_length_exceeded(
                 f"appending {len(new_mask) - len(mask)} context tokens leaves no room in the "
                 f"{self.config.max_response_tokens}-token response budget"
@@ -586,49 +594,11 @@ class ProxySession:
     async def _generate_turn(
         self, request: ChatCompletionRequest, request_messages: list[dict[str, Any]], state: _State, arrived: float
     ) -> ChatOutcome:
-        remaining = self.config.max_response_tokens - len(state.mask)
-        if remaining <= 0:
-            self._end_session("context_limit")
-            raise context_length_exceeded(f"the {self.config.max_response_tokens}-token response budget is used up")
-        agent_max = request.max_completion_tokens or request.max_tokens
-        if agent_max is not None and agent_max < 1:
-            raise ProxyError(400, "max_tokens must be at least 1.", param="max_tokens", code="invalid_value")
-        # The per-turn limit: the segment's remaining response budget, lowered by the agent's and the cap.
-        max_tokens = min(n for n in (agent_max, remaining, self.config.max_turn_tokens) if n is not None)
-        params = turn_sampling_params(
-            self.config.sampling_params,
-            max_tokens=max_tokens,
-            agent_temperature=request.temperature,
-            agent_top_p=request.top_p,
-        )
-        agent_params = {
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-            "max_tokens": agent_max,
-            "stop": getattr(request, "stop", None),
-            "stream": bool(request.stream),
-        }
-
+        """Sample, answer and record one assistant turn on top of ``state``."""
+        max_tokens, params, agent_params = self._turn_params(request, state)
         started = time.perf_counter()
-        try:
-            output = await self.config.backend.generate(self.request_id, list(state.runtime_ids), params)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._generation_s += time.perf_counter() - started
-            logger.exception("backend.generate failed for session %s", self.session_id)
-            self._error = f"backend_error: {type(exc).__name__}: {exc}"
-            raise ProxyError(
-                500, f"The generation backend failed: {type(exc).__name__}", type="server_error", code="backend_error"
-            ) from exc
+        output = await self._sample(state, params)
         elapsed = time.perf_counter() - started
-        self._generation_s += elapsed
-        try:
-            _check_output(output)
-        except ProxyError as exc:
-            self._error = f"backend_error: {exc.message}"
-            raise
-
         # The segment this turn will belong to: a new segment closes the current one if it has turns.
         segment = len(self._closed_segments) + (1 if state.new_segment and self._segment_turns > 0 else 0)
         record = TurnRecord(
@@ -648,23 +618,78 @@ class ProxySession:
         if output.stop_reason == "abort":
             # The agent never sees these tokens, so they are not part of its trajectory.
             self._turns.append(record)  # in no segment: no tokens were kept
-            self._end_session("aborted")
+            self._end_session(SessionStop.ABORTED)
             raise _aborted_error()
+        parsed, response = await self._answer(output, state)
+        record.finish_reason = response.choices[0].finish_reason
+        record.num_tool_calls = len(parsed.tool_calls)
+        if self.closed:
+            raise session_not_found()
+        self._commit(state, output, parsed, response, record, len(request_messages))
+        return ChatOutcome(response, record)
 
-        builder = self.config.token_builder
-        logprobs_given = output.logprobs is not None
-        assistant_logprobs = list(output.logprobs) if logprobs_given else [0.0] * len(output.token_ids)
+    def _turn_params(
+        self, request: ChatCompletionRequest, state: _State
+    ) -> tuple[int, dict[str, Any], dict[str, Any]]:
+        """The turn's token limit, the backend's sampling parameters and what the agent asked for.
 
-        def merge() -> tuple[list[int], array, array]:
-            result = builder.merge_assistant_tokens(state.runtime_ids, output.token_ids)
-            new_mask, new_logprobs = _aligned(
-                builder, result, state.mask, state.logprobs, assistant_logprobs=assistant_logprobs
-            )
-            return result.token_ids, new_mask, new_logprobs
+        Raises:
+            ProxyError(400): the response budget is used up (``context_length_exceeded``,
+                the session ends), or ``max_tokens < 1``.
+        """
+        remaining = self.config.max_response_tokens - len(state.mask)
+        if remaining <= 0:
+            self._end_session(SessionStop.CONTEXT_LIMIT)
+            raise context_length_exceeded(f"the {self.config.max_response_tokens}-token response budget is used up")
+        agent_max = request.max_completion_tokens or request.max_tokens
+        if agent_max is not None and agent_max < 1:
+            raise ProxyError(400, "max_tokens must be at least 1.", param="max_tokens", code="invalid_value")
+        # The per-turn limit: the segment's remaining response budget, lowered by the agent's and the cap.
+        max_tokens = min(n for n in (agent_max, remaining, self.config.max_turn_tokens) if n is not None)
+        params = turn_sampling_params(
+            self.config.sampling_params,
+            max_tokens=max_tokens,
+            agent_temperature=request.temperature,
+            agent_top_p=request.top_p,
+        )
+        agent_params = {
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "max_tokens": agent_max,
+            "stop": getattr(request, "stop", None),
+            "stream": bool(request.stream),
+        }
+        return max_tokens, params, agent_params
 
-        # Inline, not in the executor: list concatenation, microseconds even for long streams,
-        # cheaper than a thread hop.
-        new_ids, new_mask, new_logprobs = merge()
+    async def _sample(self, state: _State, params: dict[str, Any]) -> GenerationOutput:
+        """``backend.generate`` on the state's tokens, its time counted, its failures mapped.
+
+        Raises:
+            ProxyError(500, backend_error): the backend raised or returned a malformed output
+                (recorded as the session's error).
+        """
+        started = time.perf_counter()
+        try:
+            output = await self.config.backend.generate(self.request_id, list(state.runtime_ids), params)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.exception("backend.generate failed for session %s", self.session_id)
+            self._error = f"backend_error: {type(exc).__name__}: {exc}"
+            raise ProxyError(
+                500, f"The generation backend failed: {type(exc).__name__}", type="server_error", code="backend_error"
+            ) from exc
+        finally:
+            self._generation_s += time.perf_counter() - started
+        try:
+            _check_output(output)
+        except ProxyError as exc:
+            self._error = f"backend_error: {exc.message}"
+            raise
+        return output
+
+    async def _answer(self, output: GenerationOutput, state: _State) -> tuple[ParsedTurn, ChatCompletionResponse]:
+        """The sampled tokens as an OpenAI ``chat.completion`` (tool calls parsed)."""
         parsed: ParsedTurn = await self._parser.parse(list(output.token_ids), with_tools=state.tools is not None)
         if output.stop_reason == "length":
             finish_reason = "length"
@@ -672,8 +697,6 @@ class ProxySession:
             finish_reason = "tool_calls"
         else:
             finish_reason = "stop"
-        record.finish_reason = finish_reason
-        record.num_tool_calls = len(parsed.tool_calls)
         response = ChatCompletionResponse(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -685,10 +708,27 @@ class ProxySession:
                 "total_tokens": len(state.runtime_ids) + len(output.token_ids),
             },
         )
-        if self.closed:
-            raise session_not_found()
+        return parsed, response
 
-        # Commit: one synchronous block, no awaits.
+    def _commit(
+        self,
+        state: _State,
+        output: GenerationOutput,
+        parsed: ParsedTurn,
+        response: ChatCompletionResponse,
+        record: TurnRecord,
+        request_len: int,
+    ) -> None:
+        """Make the turn part of the session: one synchronous block, no awaits, so a
+        concurrent close or a cancelled request never leaves half a turn."""
+        builder = self.config.token_builder
+        logprobs_given = output.logprobs is not None
+        assistant_logprobs = list(output.logprobs) if logprobs_given else [0.0] * len(output.token_ids)
+        # Inline, not in the executor: list concatenation, microseconds even for long streams,
+        # cheaper than a thread hop.
+        result = builder.merge_assistant_tokens(state.runtime_ids, output.token_ids)
+        new_mask, new_logprobs = _aligned(builder, result, state.mask, state.logprobs,
+                                          assistant_logprobs=assistant_logprobs)
         if state.new_segment:
             current = self._current_segment()
             if current is not None:
@@ -701,7 +741,7 @@ class ProxySession:
             self._tools = state.tools
             self._tools_key = tools_key(state.tools)
             self._logprobs_complete = True
-        self._runtime_ids[:] = new_ids  # in place: see __init__
+        self._runtime_ids[:] = result.token_ids  # in place: see __init__
         self._mask, self._logprobs = new_mask, new_logprobs
         self._logprobs_complete = self._logprobs_complete and logprobs_given
         assistant = parsed.as_message()
@@ -711,7 +751,7 @@ class ProxySession:
             self._message_keys = [message_key(m) for m in self._messages]
         else:
             self._message_keys = self._message_keys + [message_key(m) for m in self._messages[len(self._message_keys):]]
-        self._last_request_len = len(request_messages)
+        self._last_request_len = request_len
         self._last_response = response
         self._last_stop_reason = output.stop_reason
         if output.weight_version is not None:
@@ -722,10 +762,9 @@ class ProxySession:
         if output.stop_reason == "length":
             # The turn is answered (finish_reason "length"), but nothing may follow it: the
             # episode ends here, and the next request is refused with context_length_exceeded.
-            self._end_session("context_limit")
-        return ChatOutcome(response, record)
+            self._end_session(SessionStop.CONTEXT_LIMIT)
 
-    def _end_session(self, stop: str) -> None:
+    def _end_session(self, stop: SessionStop) -> None:
         self._stop = stop
         self.finished.set()
 

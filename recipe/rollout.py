@@ -21,9 +21,12 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
+
+if TYPE_CHECKING:
+    from recipe.worker_resources import WorkerResources
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -112,7 +115,7 @@ def make_loop_factory(cfg: RolloutRunConfig):
 
         backend = HFLocalBackend(cfg.model_path, device=cfg.device, seed=cfg.seed)
 
-    def make_loop() -> SWEAgentLoop:
+    def make_loop(resources: WorkerResources | None = None) -> SWEAgentLoop:
         return SWEAgentLoop.standalone(
             tokenizer=tokenizer,
             hf_model_type=hf_model_type,
@@ -120,6 +123,7 @@ def make_loop_factory(cfg: RolloutRunConfig):
             response_length=cfg.response_length,
             swe_agent=OmegaConf.to_container(swe_agent),
             backend=backend,
+            resources=resources,
         )
 
     return make_loop, swe_agent.get("sandbox", {}).get("parent_dir")
@@ -129,13 +133,15 @@ async def run_rollouts(cfg: RolloutRunConfig) -> dict[str, Any]:
     """Run every row ``cfg.n`` times at ``cfg.concurrency``; write outputs; return the summary dict."""
     from tqdm import tqdm
 
-    from model_proxy.server import ModelProxyServer
     from recipe.trajectory import RunSummary, TrajectoryRecord
+    from recipe.worker_resources import WorkerResources
 
     from sandbox.local import reap_stale_sandboxes
 
     rows = read_rows(cfg.data, cfg.limit)
     make_loop, sandbox_parent = make_loop_factory(cfg)
+    # This run is the worker: one proxy server, shim and grader set for all its rollouts.
+    resources = WorkerResources(make_loop().swe_config)
     # Sandboxes of an earlier run that was killed (its owner pid is dead) go first.
     await asyncio.to_thread(reap_stale_sandboxes, sandbox_parent)
     sampling_params = {
@@ -152,7 +158,7 @@ async def run_rollouts(cfg: RolloutRunConfig) -> dict[str, Any]:
 
     async def one(row: dict[str, Any], session: int) -> TrajectoryRecord:
         async with semaphore:
-            output = await make_loop().run(
+            output = await make_loop(resources).run(
                 dict(sampling_params),
                 raw_prompt=row.get("prompt") or [],
                 extra_info=row.get("extra_info") or {},
@@ -172,7 +178,7 @@ async def run_rollouts(cfg: RolloutRunConfig) -> dict[str, Any]:
         for job in jobs:
             job.cancel()
         await asyncio.gather(*jobs, return_exceptions=True)
-        await ModelProxyServer.stop_shared()
+        await resources.aclose()
         await asyncio.to_thread(reap_stale_sandboxes, sandbox_parent)
 
     predictions = "".join(json.dumps(r.prediction(model_name)) + "\n" for r in records)

@@ -25,7 +25,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 from verl.utils.tokenizer.continuous_token_wiring import create_continuous_token_builder
@@ -40,16 +40,16 @@ from verl.experimental.agent_loop.agent_loop import (
 from model_proxy.backends.base import GenerationBackend
 from model_proxy.backends.scripted import GenerationLatency, ScriptedPolicyBackend, reference_with_tests_commands
 from model_proxy.backends.verl_server import VerlServerBackend
-from model_proxy.server import ModelProxyServer, SessionConfig, SessionResult
+from model_proxy.server import SessionConfig, SessionResult, SessionStop
 from core.task import SWETask
 from recipe.config import Policy, SWEAgentConfig, load_swe_agent_config
 from recipe.outcome import ExitStatus
-from recipe.runners.mini_swe_agent import AgentRun, run_mini_swe_agent
-from recipe.runners.swe_agent import run_swe_agent
+from recipe.runners.base import AgentRequest, AgentRun, run_agent
+from recipe.runners.mini_swe_agent import MiniSweAgent
+from recipe.runners.swe_agent import swe_agent_for
 from recipe.trajectory import TrajectoryRecord, append_record
-from reward.compute_score import get_grader
+from recipe.worker_resources import WorkerResources
 from sandbox.local import LocalSandbox, PatchTooLarge, SandboxError
-from sandbox.shim import ResourceShim
 
 logger = logging.getLogger(__name__)
 
@@ -145,17 +145,21 @@ class SWEAgentLoop(AgentLoopBase):
             ``swe_agent`` section and the schema defaults.
         backend: a generation backend to use instead of verl's server manager
             (CPU rollouts); ignored for the scripted policies.
+        resources: the worker's proxy server, resource shim and graders
+            (``WorkerResources``); None = the running event loop's
+            (``WorkerResources.for_running_loop``, as under verl's AgentLoopWorker).
         tools: verl passes its tool list to every loop; unused here.
-    """
 
-    # Per worker process, shared by every loop object (see _process_resources).
-    _shims: ClassVar[dict[str, ResourceShim]] = {}
+    Raises:
+        ValueError: a setting is invalid, or differs from ``resources``' on a shared part.
+    """
 
     def __init__(
         self,
         *args: Any,
         swe_agent: dict[str, Any] | None = None,
         backend: GenerationBackend | None = None,
+        resources: WorkerResources | None = None,
         tools: Any = None,
         **kwargs: Any,
     ):
@@ -169,6 +173,9 @@ class SWEAgentLoop(AgentLoopBase):
                 chat_template_kwargs=self.apply_chat_template_kwargs,
             )
         self.backend = backend
+        if resources is not None:
+            resources.check(self.swe_config)
+        self._resources = resources
         self.response_length: int = int(self.rollout_config.response_length)
 
     @classmethod
@@ -181,6 +188,7 @@ class SWEAgentLoop(AgentLoopBase):
         response_length: int,
         swe_agent: dict[str, Any] | None = None,
         backend: GenerationBackend | None = None,
+        resources: WorkerResources | None = None,
     ) -> SWEAgentLoop:
         """A loop outside verl's AgentLoopWorker (rollout CLI, evaluation, tests).
 
@@ -204,6 +212,7 @@ class SWEAgentLoop(AgentLoopBase):
             hf_model_type=hf_model_type,
             swe_agent=swe_agent,
             backend=backend,
+            resources=resources,
         )
 
     async def run(
@@ -281,19 +290,17 @@ class SWEAgentLoop(AgentLoopBase):
         info.split = str((kwargs.get("extra_info") or {}).get("split", ""))
 
         sandbox: LocalSandbox | None = None
-        proxy = await ModelProxyServer.shared(
-            host=self.swe_config.proxy.host, port=self.swe_config.proxy.port, freeze_gc=self.swe_config.proxy.freeze_gc
-        )
+        resources = self._worker_resources()
+        proxy = await resources.proxy()
         session_id: str | None = None
         session: SessionResult | None = None
         agent: AgentRun | None = None
         # Which part failed decides the status of an unexpected exception.
         stage = ExitStatus.SANDBOX_ERROR
-        resources = contextlib.AsyncExitStack()
+        cleanup = contextlib.AsyncExitStack()
         try:
-            shim = await self._process_resources()
             # The shim admits the rollout from its memory pool (waiting, not OOMing, when short).
-            lease = await resources.enter_async_context(shim.rollout(info.rollout_id))
+            lease = await cleanup.enter_async_context(resources.shim().rollout(info.rollout_id))
             settings = self.swe_config.sandbox
             sandbox = await LocalSandbox.create(
                 task, parent_dir=settings.parent_dir, rollout_id=info.rollout_id,
@@ -349,13 +356,13 @@ class SWEAgentLoop(AgentLoopBase):
                 proxy.close_session(session_id)
             if sandbox is not None:
                 await sandbox.teardown()
-            await asyncio.shield(resources.aclose())  # release the cgroup and pool bytes last
+            await asyncio.shield(cleanup.aclose())  # release the cgroup and pool bytes last
         if session is None or agent is None:
             return await self._output_without_session(raw_prompt, info, start)
 
-        # One grader per process and reward config: a GRPO group's identical patches
+        # One grader per worker and reward config: a GRPO group's identical patches
         # (often empty) are graded once (reward.cache).
-        grade = await get_grader(self.swe_config.reward).grade(task, info.model_patch)
+        grade = await resources.grader(self.swe_config.reward).grade(task, info.model_patch)
         info.grade = grade.to_dict()
         if grade.is_infra_error:
             info.exit_status = ExitStatus.REWARD_ERROR.value
@@ -366,17 +373,11 @@ class SWEAgentLoop(AgentLoopBase):
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    async def _process_resources(self) -> ResourceShim:
-        """The worker process's resource shim, made once and shared.
-
-        verl makes a loop object per sample; the shim belongs to the process (one memory
-        pool), so it lives on the class.
-        """
-        cls = type(self)
-        key = json.dumps(self.swe_config.sandbox.shim, sort_keys=True)
-        if key not in cls._shims:
-            cls._shims[key] = ResourceShim.from_settings(dict(self.swe_config.sandbox.shim) or None)
-        return cls._shims[key]
+    def _worker_resources(self) -> WorkerResources:
+        """The resources given at construction, else the running event loop's worker's."""
+        if self._resources is None:
+            self._resources = WorkerResources.for_running_loop(self.swe_config)
+        return self._resources
 
     async def _run_agent(
         self,
@@ -388,17 +389,13 @@ class SWEAgentLoop(AgentLoopBase):
         wrap_argv: Callable[[list[str]], list[str]] | None = None,
     ) -> AgentRun:
         settings = self.swe_config.agent
-        common = dict(
-            task_text=task.problem_statement,
-            api_base=api_base,
-            api_key=api_key,
-            model_name=self.swe_config.proxy.model_name,
-            settings=settings,
-            wrap_argv=wrap_argv,
-        )
+        request = AgentRequest(task_text=task.problem_statement, api_base=api_base, api_key=api_key,
+                               model_name=self.swe_config.proxy.model_name)
         if settings.backend == "swe_agent":
-            return await run_swe_agent(sandbox, image=task.image_name, **common)
-        return await run_mini_swe_agent(sandbox, trajectory_path=self._trajectory_path(task, rollout_id), **common)
+            adapter = swe_agent_for(sandbox, request, settings, image=task.image_name)
+        else:
+            adapter = MiniSweAgent(request, trajectory_path=self._trajectory_path(task, rollout_id))
+        return await run_agent(adapter, sandbox, settings, wrap_argv=wrap_argv)
 
     def _backend_for(self, task: SWETask, session: int = 0) -> GenerationBackend:
         """The policy's backend; ``session`` is the rollout's index in its GRPO group."""
@@ -520,9 +517,9 @@ class SWEAgentLoop(AgentLoopBase):
 
 def _resolve_status(agent: AgentRun, session: SessionResult) -> ExitStatus:
     """The rollout's status: the proxy knows about budget exhaustion before the agent does."""
-    if session.stop == "context_limit":
+    if session.stop == SessionStop.CONTEXT_LIMIT:
         return ExitStatus.CONTEXT_LIMIT
-    if session.stop == "aborted":  # the generation server aborted a turn (e.g. a weight sync)
+    if session.stop == SessionStop.ABORTED:  # the generation server aborted a turn (e.g. a weight sync)
         return ExitStatus.PROXY_ERROR
     if session.error and agent.exit_status != ExitStatus.SUBMITTED:
         return ExitStatus.PROXY_ERROR

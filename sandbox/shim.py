@@ -52,6 +52,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -97,6 +98,78 @@ class ShimSettings:
 
     def resolved_pool_bytes(self) -> int:
         return self.pool_bytes or int(psutil.virtual_memory().total * 0.8)
+
+
+@dataclass(frozen=True)
+class ShimPolicy:
+    """The shim's sizing decisions as pure functions of memory amounts, in one unit.
+
+    The live shim (``RolloutLease``, bytes) and the replay simulator
+    (``sandbox.simulate.replay_ours``, MiB) both decide through this class, so what the
+    replay predicts is what the shim does. Build it with ``from_settings``.
+
+    Attributes:
+        baseline, burst_min, burst_max, hard_max: ``ShimSettings``' ``*_bytes`` in ``unit``.
+        learn_factor: ``ShimSettings.burst_learn_factor``.
+        monitor_interval_s, shrink_after_s: ``ShimSettings``' periods, seconds.
+    """
+
+    baseline: float
+    burst_min: float
+    burst_max: float
+    hard_max: float
+    learn_factor: float
+    monitor_interval_s: float
+    shrink_after_s: float
+
+    # Usage at this share of the limit asks for a larger grant; under the idle share a grant is unused.
+    GROW_AT = 0.9
+    IDLE_BELOW = 0.5
+    SHRINK_TO = 1.25  # an unused grant is cut to this multiple of usage
+
+    @classmethod
+    def from_settings(cls, settings: ShimSettings, unit: float = 1) -> ShimPolicy:
+        """The policy of ``settings`` with amounts divided by ``unit`` (1 = bytes, ``MiB``...)."""
+        return cls(
+            baseline=settings.baseline_bytes / unit,
+            burst_min=settings.burst_min_bytes / unit,
+            burst_max=settings.burst_max_bytes / unit,
+            hard_max=settings.hard_max_bytes / unit,
+            learn_factor=settings.burst_learn_factor,
+            monitor_interval_s=settings.monitor_interval_s,
+            shrink_after_s=settings.shrink_after_s,
+        )
+
+    def tool_grant(self, largest_tool: float, reservation: float) -> float:
+        """The burst grant asked for when a tool starts: ``learn_factor`` x the largest tool
+        usage so far above the reservation, clamped to ``[burst_min, burst_max]`` and to
+        what ``hard_max`` leaves."""
+        want = max(self.burst_min, min(self.burst_max, largest_tool * self.learn_factor - reservation))
+        return min(want, self.hard_max - reservation)
+
+    # needs_growth and grant_unused take numbers or numpy arrays (the replay asks for all rollouts at once).
+
+    def needs_growth(self, usage: Any, limit: Any) -> Any:
+        """Whether usage is at the limit (the monitor then asks for more)."""
+        return usage >= self.GROW_AT * limit
+
+    def growth(self, grant: float, limit: float) -> float:
+        """The extra grant asked for at the limit: doubling (at least ``burst_min``), within
+        ``hard_max``; <= 0 means none is possible."""
+        return min(max(grant, self.burst_min), self.hard_max - limit)
+
+    def grant_unused(self, usage: Any, limit: Any, grant: Any) -> Any:
+        """Whether a grant is going unused (the burst is over but the tool call goes on)."""
+        return (self.shrink_after_s > 0) & (grant > 0) & (usage < self.IDLE_BELOW * limit)
+
+    def shrunk_grant(self, usage: float, reservation: float) -> float:
+        """The grant left after ``shrink_after_s`` unused: ``SHRINK_TO`` x usage."""
+        return max(0.0, self.SHRINK_TO * usage - reservation)
+
+    def reservation_after_tool(self, usage: float) -> float:
+        """The reservation held while the model thinks: the baseline, never below usage
+        (retry loops keep memory between calls; lowering under it would force a reclaim storm)."""
+        return max(self.baseline, usage)
 
 
 class AdmissionTimeout(TimeoutError):
@@ -244,6 +317,7 @@ class RolloutLease:
     def __init__(self, shim: ResourceShim, rollout_id: str, group: Path | None):
         self.shim = shim
         self.settings = shim.settings
+        self.policy = shim.policy
         self.rollout_id = rollout_id
         self.cgroup_path = group
         self.summary = ShimRolloutSummary(rollout_id=rollout_id)
@@ -309,30 +383,26 @@ class RolloutLease:
                 call.peak_bytes = max(call.peak_bytes, usage)
             limit = self.reservation + self.grant
             now = time.monotonic()
-            if usage < 0.5 * limit and self.grant > 0 and self.settings.shrink_after_s > 0:
+            if self.policy.grant_unused(usage, limit, self.grant):
                 # The burst is over but the call goes on: return the unused grant.
                 self._idle_since = self._idle_since or now
-                if now - self._idle_since >= self.settings.shrink_after_s:
-                    self.grant = max(0, int(1.25 * usage) - self.reservation)
+                if now - self._idle_since >= self.policy.shrink_after_s:
+                    self.grant = int(self.policy.shrunk_grant(usage, self.reservation))
                     self.shim.pool.set_reservation(self.rollout_id, self.reservation + self.grant)
                     self._apply_high(self.reservation + self.grant, "shrink")
                     self._idle_since = None
                 return
             self._idle_since = None
-            if usage < 0.9 * limit:
+            if not self.policy.needs_growth(usage, limit):
                 return
-            extra = max(self.grant, self.settings.burst_min_bytes)
-            extra = min(extra, self.settings.hard_max_bytes - limit)
+            extra = int(self.policy.growth(self.grant, limit))
             if extra <= 0:
                 return
             self._request(extra, "grow")
 
     def _start_tool(self) -> None:
         self.summary.tool_calls.append(ToolCallStats(start_s=time.monotonic()))
-        want = int(self.largest_tool_bytes * self.settings.burst_learn_factor) - self.reservation
-        want = max(self.settings.burst_min_bytes, min(self.settings.burst_max_bytes, want))
-        want = min(want, self.settings.hard_max_bytes - self.reservation)
-        self._request(want, "tool")
+        self._request(int(self.policy.tool_grant(self.largest_tool_bytes, self.reservation)), "tool")
 
     def _request(self, amount: int, why: str) -> None:
         pool = self.shim.pool
@@ -383,8 +453,7 @@ class RolloutLease:
             call.end_s = time.monotonic()
             call.peak_bytes = max(call.peak_bytes, usage)
             self.largest_tool_bytes = max(self.largest_tool_bytes, call.peak_bytes)
-        # Never below what the group holds now (retry loops keep memory between calls).
-        self.reservation = max(self.settings.baseline_bytes, usage)
+        self.reservation = int(self.policy.reservation_after_tool(usage))
         self.grant = 0
         self.shim.pool.set_reservation(self.rollout_id, self.reservation)
         self._apply_high(self.reservation, "inference")
@@ -418,6 +487,7 @@ class ResourceShim:
 
     def __init__(self, settings: ShimSettings, controller: CgroupController | None = None):
         self.settings = settings
+        self.policy = ShimPolicy.from_settings(settings)
         if settings.enabled:
             root = settings.cgroup_root or os.environ.get(CGROUP_ROOT_ENV) or None
             self.controller = controller or make_controller(settings.cgroup_backend, root)

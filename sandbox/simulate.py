@@ -50,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sandbox.shim import MiB, ShimPolicy, ShimSettings
+
 MB = 1.0  # traces are in MiB
 GB = 1024.0
 
@@ -210,20 +212,6 @@ def measured_baseline_mib(traces: list[Trace], quantile: float = 0.99) -> float:
 
 
 @dataclass
-class OursParams:
-    """The shim's policy parameters (MiB, seconds); defaults = ``ShimSettings`` defaults."""
-
-    baseline: float = 256.0
-    burst_min: float = 128.0
-    burst_max: float = 4096.0
-    hard_max: float = 8192.0
-    learn_factor: float = 1.25
-    monitor_interval: float = 0.05
-    # Within a tool, a grant unused (usage < half the limit) this long is cut to 1.25x usage; 0 = never.
-    shrink_after: float = 1.0
-
-
-@dataclass
 class PolicyResult:
     """Numbers of one policy on one replay (MiB, seconds)."""
 
@@ -369,10 +357,11 @@ def replay_reactive(
 
 
 def replay_ours(
-    traces: list[Trace], offsets_s: np.ndarray, dt: float, *, budget: float | None, params: OursParams | None = None
+    traces: list[Trace], offsets_s: np.ndarray, dt: float, *, budget: float | None, params: ShimSettings | None = None
 ) -> PolicyResult:
-    """The shim's policy (module docstring); ``budget=None`` = an unbounded pool."""
-    prm = params or OursParams()
+    """The shim's policy (module docstring), decided by the shim's own ``ShimPolicy`` in MiB;
+    ``budget=None`` = an unbounded pool; ``params``: the shim's settings (default ``ShimSettings()``)."""
+    prm = ShimPolicy.from_settings(params or ShimSettings(), unit=MiB)
     n, offs, lens, T = _layout(traces, offsets_s, dt)
     pool = float("inf") if budget is None else float(budget)
     flat_mem, flat_tool, starts = _flat(traces)
@@ -383,11 +372,11 @@ def replay_ours(
     largest = np.zeros(n)
     in_tool_prev = np.zeros(n, dtype=bool)
     waiting = np.zeros(n, dtype=bool)  # a grant/admission request is queued
-    throttled_for = np.zeros(n, dtype=int)
     idle_for = np.zeros(n, dtype=int)
-    shrink_steps = int(round(prm.shrink_after / dt)) if prm.shrink_after > 0 else 0
+    near_for = np.zeros(n, dtype=int)
+    shrink_steps = int(round(prm.shrink_after_s / dt)) if prm.shrink_after_s > 0 else 0
     queue: deque[tuple[int, float, str]] = deque()
-    monitor_steps = max(1, int(round(prm.monitor_interval / dt)))
+    monitor_steps = max(1, int(round(prm.monitor_interval_s / dt)))
     kills = throttled = queued = 0
     provisioned = 0.0
     used = 0.0
@@ -441,14 +430,13 @@ def replay_ours(
         changed = running & (in_tool != in_tool_prev)
         any_changed = changed.any()
         for i in np.flatnonzero(changed & in_tool) if any_changed else ():
-            want = max(prm.burst_min, min(prm.burst_max, prm.learn_factor * largest[i] - reservation[i]))
-            want = min(want, prm.hard_max - reservation[i])
+            want = prm.tool_grant(largest[i], reservation[i])
             if waiting[i]:
                 waiting[i] = False
             request(i, want, "tool")
         for i in np.flatnonzero(changed & ~in_tool) if any_changed else ():
             waiting[i] = False
-            new_res = max(prm.baseline, demand[i])
+            new_res = prm.reservation_after_tool(demand[i])
             used += new_res - reservation[i] - grant[i]
             reservation[i] = new_res
             grant[i] = 0.0
@@ -461,20 +449,23 @@ def replay_ours(
         kills += int(killed.sum())
         stall = over & ~killed
         any_stall = stall.any()
-        throttled_for = np.where(stall, throttled_for + 1, 0) if any_stall else throttled_for * 0
-        for i in np.flatnonzero(stall & (throttled_for >= monitor_steps) & ~waiting) if any_stall else ():
-            extra = min(max(grant[i], prm.burst_min), prm.hard_max - limit[i])
+        # The monitor (every monitor_interval_s): usage at the limit asks for a larger grant.
+        near = running & ~waiting & ~killed & prm.needs_growth(demand, limit)
+        near_for = np.where(near, near_for + 1, 0)
+        for i in np.flatnonzero(near_for >= monitor_steps) if near.any() else ():
+            near_for[i] = 0
+            extra = prm.growth(grant[i], limit[i])
             if extra > 0:
                 request(i, extra, "grow")
         if queue:
             queued += int((started_mask(step) & ~admitted & ~finished).sum())  # waiting for admission
         throttled += int(stall.sum()) if any_stall else 0
         if shrink_steps:
-            idle = running & in_tool & (grant > 0) & (demand < 0.5 * limit) & ~waiting
+            idle = running & in_tool & ~waiting & prm.grant_unused(demand, limit, grant)
             idle_for = np.where(idle, idle_for + 1, 0)
             shrinking = np.flatnonzero(idle_for >= shrink_steps)
             for i in shrinking:
-                new_grant = max(0.0, 1.25 * demand[i] - reservation[i])
+                new_grant = prm.shrunk_grant(demand[i], reservation[i])
                 used -= grant[i] - new_grant
                 grant[i] = new_grant
                 idle_for[i] = 0
@@ -546,13 +537,13 @@ def sample_set(bank: list[Trace], n: int, rng: np.random.Generator, start_spread
 
 def evaluate(bank: list[Trace], *, label: str, n: int, dt: float, budget_gib: float | None, delays_ms: list[int],
              slowdown_target: float, machine_gib: float, seed: int, start_spread_s: float, max_n: int = 2048,
-             params: OursParams | None = None, reactive_floor: float = 256.0) -> dict:
+             params: ShimSettings | None = None, reactive_floor: float = 256.0) -> dict:
     """All numbers for one trace set at concurrency ``n`` (see module docstring).
 
-    ``params``: the shim's parameters (default ``OursParams()``); ``reactive_floor``: the
+    ``params``: the shim's settings (default ``ShimSettings()``); ``reactive_floor``: the
     reactive controller's smallest limit, MiB.
     """
-    params = params or OursParams()
+    params = params or ShimSettings()
     rng = np.random.default_rng(seed)
     traces, offsets = sample_set(bank, n, rng, start_spread_s)
     peak = replay_static(traces, offsets, dt, which="peak", budget=None)
@@ -583,7 +574,7 @@ def evaluate(bank: list[Trace], *, label: str, n: int, dt: float, budget_gib: fl
         "dt_s": dt,
         "trace_stats": bank_stats(traces, dt),
         "bank_stats": bank_stats(bank, dt),
-        "ours_params": asdict(params),
+        "ours_params": asdict(ShimPolicy.from_settings(params, unit=MiB)),
         "reactive_floor_mib": reactive_floor,
         "provisioned_zero_oom_mib": {
             "static-peak": peak.provisioned_mib,
@@ -605,7 +596,7 @@ def evaluate(bank: list[Trace], *, label: str, n: int, dt: float, budget_gib: fl
 
 
 def largest_n(bank, *, dt, machine_gib, slowdown_target, seed, start_spread_s, n_max: int = 2048,
-              params: OursParams | None = None) -> dict:
+              params: ShimSettings | None = None) -> dict:
     """Largest concurrency fitting ``machine_gib``: static-peak by sum of peaks, ours by replay
     (zero OOM kills and slowdown <= target with the machine as the pool), bisection on N."""
     cap = machine_gib * GB
@@ -808,11 +799,11 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(summaries[-1:]), flush=True)
     if args.traces:
         bank = load_recorded(args.traces, dt, memory=args.memory)
-        params = OursParams()
+        params = ShimSettings()
         if args.baseline_mib == "measured":
-            params.baseline = measured_baseline_mib(bank)
+            params.baseline_bytes = int(measured_baseline_mib(bank) * MiB)
         elif args.baseline_mib is not None:
-            params.baseline = float(args.baseline_mib)
+            params.baseline_bytes = int(float(args.baseline_mib) * MiB)
         summaries.append(evaluate(bank, label=f"recorded ({Path(args.traces).name}, {args.memory})", n=args.n, dt=dt,
                                   budget_gib=args.budget_gib, delays_ms=delays, slowdown_target=args.slowdown_target,
                                   machine_gib=args.machine_gib, seed=args.seed, start_spread_s=args.start_spread_s,

@@ -55,7 +55,7 @@ async def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from model_proxy.backends.scripted import GenerationLatency, ScriptedPolicyBackend, reference_with_tests_commands
-    from model_proxy.server import ModelProxyServer
+    from recipe.worker_resources import WorkerResources
     from core.task import SWETask
     from prepare.tiny_model import build_tiny_model
     from recipe.swe_agent_loop import SWEAgentLoop
@@ -91,7 +91,7 @@ async def run(args: argparse.Namespace) -> int:
     try:
         await asyncio.gather(*(one(r) for r in rows))
     finally:
-        await ModelProxyServer.stop_shared()
+        await WorkerResources.close_for_running_loop()
     print(f"{len(rows)} rollouts, {len(rows) - failures} resolved", flush=True)
     return 0
 

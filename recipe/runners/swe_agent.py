@@ -26,13 +26,12 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
 from recipe.config import AgentSettings
 from recipe.outcome import ExitStatus
-from recipe.runners.mini_swe_agent import AgentRun, agent_environment, spawn_agent
+from recipe.runners.base import AgentAdapter, AgentRequest, AgentRun, WrapArgv
 from sandbox.local import LocalSandbox
 
 SWEAGENT_COMMAND = "sweagent"
@@ -121,22 +120,45 @@ def default_config_path() -> Path | None:
     return path if path.is_file() else None
 
 
-async def run_swe_agent(
-    sandbox: LocalSandbox,
-    *,
-    task_text: str,
-    api_base: str,
-    api_key: str,
-    model_name: str,
-    settings: AgentSettings,
-    image: str | None = None,
-    wrap_argv: Callable[[list[str]], list[str]] | None = None,
-) -> AgentRun:
-    """Run ``sweagent run`` on the sandbox's work tree until it exits or ``settings.rollout_timeout_s``.
+@dataclass
+class SWEAgent(AgentAdapter):
+    """``sweagent run``: SWE-agent executes its commands itself (in its deployment), so the
+    shim wraps the whole process (``wrap_scope="agent"``)."""
+
+    invocation: SWEAgentInvocation
+    task_text: str
+
+    name = "sweagent"
+    wrap_scope = "agent"
+
+    def log_path(self, sandbox: LocalSandbox) -> Path:
+        return sandbox.home / "sweagent.log"
+
+    def environment(self, sandbox: LocalSandbox, settings: AgentSettings) -> dict[str, str]:
+        return {}
+
+    async def prepare(self, sandbox: LocalSandbox, settings: AgentSettings, wrap_command: WrapArgv | None) -> list[str]:
+        await asyncio.to_thread(self.invocation.problem_path.write_text, self.task_text)
+        await asyncio.to_thread(self.invocation.config_path.write_text, yaml.safe_dump(training_config()))
+        return self.invocation.argv()
+
+    async def read_result(self, sandbox: LocalSandbox, exit_code: int | None, duration_s: float,
+                          log_tail: str) -> AgentRun | None:
+        try:
+            info = json.loads(await asyncio.to_thread(self.invocation.trajectory_path().read_text)).get("info", {})
+        except (OSError, ValueError):
+            return None
+        raw = str(info.get("exit_status", ""))
+        calls = int(info.get("model_stats", {}).get("api_calls", 0) or 0)
+        return AgentRun(from_swe_agent(raw), raw, calls, duration_s, log_tail=log_tail)
+
+
+def swe_agent_for(sandbox: LocalSandbox, request: AgentRequest, settings: AgentSettings,
+                  image: str | None = None) -> SWEAgent:
+    """The ``sweagent run`` adapter for one rollout (run it with ``recipe.runners.base.run_agent``).
 
     Raises:
         FileNotFoundError: the ``sweagent`` command is not installed.
-        asyncio.CancelledError: after the process group is killed.
     """
     if not sweagent_available():
         raise FileNotFoundError("the `sweagent` command is not installed (SWE-agent 1.x is installed from source)")
@@ -146,31 +168,12 @@ async def run_swe_agent(
         repo_path=sandbox.workdir,
         output_dir=sandbox.home / "sweagent_output",
         config_path=sandbox.home / "sweagent_training.yaml",
-        api_base=api_base,
-        api_key=api_key,
-        model_name=model_name,
+        api_base=request.api_base,
+        api_key=request.api_key,
+        model_name=request.model_name,
         deployment=settings.sweagent_deployment,
         image=image,
         step_limit=settings.step_limit,
         default_config=default_config_path(),
     )
-    await asyncio.to_thread(invocation.problem_path.write_text, task_text)
-    await asyncio.to_thread(invocation.config_path.write_text, yaml.safe_dump(training_config()))
-
-    log_path = sandbox.home / "sweagent.log"
-    exit_code, timed_out, duration = await spawn_agent(
-        sandbox, invocation.argv(), env=agent_environment(sandbox, settings), log_path=log_path,
-        timeout_s=settings.rollout_timeout_s, wrap_argv=wrap_argv,
-    )
-    if timed_out:
-        return AgentRun(ExitStatus.ROLLOUT_TIMEOUT, "killed", 0, duration,
-                        error=f"sweagent killed after rollout_timeout_s={settings.rollout_timeout_s}")
-    try:
-        info = json.loads(await asyncio.to_thread(invocation.trajectory_path().read_text)).get("info", {})
-    except (OSError, ValueError):
-        tail = (await asyncio.to_thread(log_path.read_bytes))[-4000:].decode("utf-8", errors="replace")
-        return AgentRun(ExitStatus.AGENT_ERROR, "crashed", 0, duration,
-                        error=f"sweagent exited with code {exit_code} without a trajectory", log_tail=tail)
-    raw = str(info.get("exit_status", ""))
-    calls = int(info.get("model_stats", {}).get("api_calls", 0) or 0)
-    return AgentRun(from_swe_agent(raw), raw, calls, duration)
+    return SWEAgent(invocation, task_text=request.task_text)

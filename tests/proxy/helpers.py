@@ -111,3 +111,26 @@ class ReplayBackend:
 
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+async def replay_conversation(server, tokenizer, token_builder, texts: list[str], tool_output, turns: int):
+    """A session on ``server`` whose model replays ``texts``, driven over HTTP for ``turns`` turns:
+    each tool call answered with ``tool_output(turn)``, a turn without one followed by a user
+    message. Returns the closed session's ``SessionResult``."""
+    import httpx
+
+    handle = server.open_session(make_config(ReplayBackend(tokenizer, texts), tokenizer, token_builder,
+                                             max_response_tokens=10_000))
+    messages: list[dict[str, Any]] = [{"role": "system", "content": "sys"}, {"role": "user", "content": "fix it"}]
+    async with httpx.AsyncClient() as client:
+        for turn in range(turns):
+            response = await client.post(f"{handle.base_url}/chat/completions", headers=auth(handle.api_key),
+                                         json={"model": "m", "messages": messages, "tools": [BASH_TOOL]})
+            assert response.status_code == 200, response.text
+            message = response.json()["choices"][0]["message"]
+            messages = messages + [message]
+            for call in message.get("tool_calls") or []:
+                messages.append({"role": "tool", "tool_call_id": call["id"], "content": tool_output(turn)})
+            if not message.get("tool_calls"):
+                messages.append({"role": "user", "content": "anything else?"})
+    return server.close_session(handle.session_id)

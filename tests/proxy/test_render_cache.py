@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,7 +25,7 @@ from model_proxy.server import ModelProxyServer
 
 from model_proxy.tool_format import hermes_tool_call_text
 
-from .helpers import BASH_TOOL, ReplayBackend, auth, make_config
+from .helpers import BASH_TOOL, replay_conversation
 
 TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=0, max_size=60)
 
@@ -198,21 +197,8 @@ async def _session_state(tokenizer, token_builder, entries: int, inline_chars: i
     try:
         texts = [hermes_tool_call_text("bash", {"command": "ls -la"}),
                  hermes_tool_call_text("bash", {"command": "cat a.py"}), "Done."]
-        backend = ReplayBackend(tokenizer, texts)
-        handle = server.open_session(make_config(backend, tokenizer, token_builder, max_response_tokens=10_000))
-        messages: list[dict[str, Any]] = [{"role": "system", "content": "sys"}, {"role": "user", "content": "fix it"}]
-        async with httpx.AsyncClient() as client:
-            for turn in range(3):
-                response = await client.post(f"{handle.base_url}/chat/completions", headers=auth(handle.api_key),
-                                             json={"model": "m", "messages": messages, "tools": [BASH_TOOL]})
-                assert response.status_code == 200, response.text
-                message = response.json()["choices"][0]["message"]
-                messages = messages + [message]
-                for call in message.get("tool_calls") or []:
-                    messages.append({"role": "tool", "tool_call_id": call["id"], "content": f"result {turn} ünï\n"})
-                if not message.get("tool_calls"):
-                    messages.append({"role": "user", "content": "anything else?"})
-        result = server.close_session(handle.session_id)
+        result = await replay_conversation(server, tokenizer, token_builder, texts, lambda turn: f"result {turn} ünï\n",
+                                           turns=3)
         return result.prompt_ids, result.response_ids, result.response_mask, result.response_logprobs
     finally:
         await server.stop()

@@ -341,30 +341,6 @@ async def test_backend_failure_and_abort(proxy, tokenizer, token_builder):
     assert [t.finish_reason for t in aborted.turns] == ["abort"]
 
 
-async def test_shared_server_is_one_per_event_loop():
-    first, second = await asyncio.gather(ModelProxyServer.shared(), ModelProxyServer.shared())
-    assert first is second and not first.stopped
-
-    def other_loop() -> tuple[int, int]:
-        async def run():
-            server = await ModelProxyServer.shared()
-            port = server.port
-            await server.stop()
-            return id(server), port
-
-        return asyncio.run(run())
-
-    other_id, other_port = await asyncio.to_thread(other_loop)
-    assert other_id != id(first) and other_port != first.port
-    assert await ModelProxyServer.shared() is first
-    await first.stop()
-    replacement = await ModelProxyServer.shared()
-    assert replacement is not first and not replacement.stopped
-    await ModelProxyServer.stop_shared()
-    assert replacement.stopped
-    await ModelProxyServer.stop_shared()  # nothing left: a no-op
-
-
 class _BrokenBuilder:
     """A token builder that fails on context merges (a bug inside the proxy's CPU work)."""
 

@@ -21,7 +21,7 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopOutput, DictConfigW
 
 from model_proxy.backends.base import GenerationOutput
 from model_proxy.backends.scripted import ScriptedPolicyBackend
-from model_proxy.server import ModelProxyServer
+from recipe.worker_resources import WorkerResources
 from recipe.outcome import ExitStatus
 from recipe.runners.swe_agent import sweagent_available
 from recipe.swe_agent_loop import SWEAgentLoop
@@ -51,7 +51,8 @@ def sandbox_parent(tmp_path):
     return tmp_path / "sandboxes"
 
 
-def make_loop(tokenizer, sandbox_parent, *, backend=None, response_length=RESPONSE_LENGTH, **swe_agent) -> SWEAgentLoop:
+def make_loop(tokenizer, sandbox_parent, *, backend=None, response_length=RESPONSE_LENGTH, resources=None,
+              **swe_agent) -> SWEAgentLoop:
     swe_agent.setdefault("sandbox", {"parent_dir": str(sandbox_parent)})
     return SWEAgentLoop.standalone(
         tokenizer=tokenizer,
@@ -60,6 +61,7 @@ def make_loop(tokenizer, sandbox_parent, *, backend=None, response_length=RESPON
         response_length=response_length,
         swe_agent=swe_agent,
         backend=backend,
+        resources=resources,
     )
 
 
@@ -84,9 +86,9 @@ def assert_token_invariants(out: AgentLoopOutput):
 
 
 @pytest.fixture(autouse=True)
-async def _stop_shared_proxy():
+async def _close_worker_resources():
     yield
-    await ModelProxyServer.stop_shared()
+    await WorkerResources.close_for_running_loop()
 
 
 async def test_reference_policy_resolves_every_task(rows, tokenizer, sandbox_parent):
@@ -160,13 +162,15 @@ async def test_resource_shim_wraps_each_tool_command_not_the_agent(rows, tokeniz
         async def rollout(self, rollout_id: str):
             yield RecordingLease()
 
-    loop = make_loop(tokenizer, sandbox_parent, policy="reference")
+    class RecordingResources(WorkerResources):
+        def shim(self):
+            return RecordingShim()
 
-    async def resources():
-        return RecordingShim()
+    from recipe.config import load_swe_agent_config
 
-    loop._process_resources = resources
-    out = await run_row(loop, rows[0])
+    async with RecordingResources(load_swe_agent_config()) as resources:
+        loop = make_loop(tokenizer, sandbox_parent, policy="reference", resources=resources)
+        out = await run_row(loop, rows[0])
     assert out.extra_fields["resolved"], out.extra_fields["error"]
     wrapped = log.read_text().splitlines()
     assert len(wrapped) >= 2  # git apply, git status (and the submission)
@@ -321,7 +325,7 @@ async def test_cancelled_mid_generation_leaves_no_process_sandbox_or_session(row
     loop = make_loop(tokenizer, sandbox_parent, backend=backend, trajectory_dir=str(records))
     job = asyncio.create_task(run_row(loop, rows[0]))
     await asyncio.wait_for(backend.entered.wait(), timeout=120)
-    proxy = await ModelProxyServer.shared()
+    proxy = await WorkerResources.for_running_loop(loop.swe_config).proxy()
     assert proxy.num_sessions == 1
     rollout_ids = await asyncio.to_thread(_rollouts_running, "python", sandbox_parent)  # the agent process itself
     assert rollout_ids

@@ -33,7 +33,7 @@ from verl.workers.rollout.replica import TokenOutput
 
 from model_proxy.backends.base import GenerationOutput
 from model_proxy.backends.scripted import ScriptedPolicyBackend
-from model_proxy.server import ModelProxyServer
+from recipe.worker_resources import WorkerResources
 from recipe.outcome import ExitStatus
 from core.task import SWETask
 from recipe.swe_agent_loop import SWEAgentLoop, reference_commands
@@ -157,7 +157,7 @@ async def test_outputs_pass_verl_postprocessing(status, tokenizer, tiny_model, r
     try:
         out = await loop.run({"temperature": 1.0, "logprobs": True}, raw_prompt=row["prompt"], extra_info=extra_info)
     finally:
-        await ModelProxyServer.stop_shared()
+        await WorkerResources.close_for_running_loop()
     assert out.extra_fields["exit_status"] == status.value, out.extra_fields["error"]
 
     padded = await make_worker(tokenizer)._agent_loop_postprocess(out, validate=False, raw_prompt=row["prompt"])

@@ -15,8 +15,9 @@ import pytest
 
 from sandbox.local import ROLLOUT_MARKER_ENV
 from sandbox.measure import ResourceSampler
+from sandbox.shim import ShimSettings
 from sandbox.simulate import (
-    OursParams,
+
     Trace,
     load_recorded,
     main as simulate_main,
@@ -103,7 +104,7 @@ def test_policies_on_a_known_spike():
     ours = replay_ours(traces, offsets, dt, budget=None)
     assert ours.oom_kills == 0 and ours.tool_calls == 4
     # With a pool for one burst only, ours queues/throttles instead of killing.
-    tight = replay_ours(traces, offsets, dt, budget=4 * 256 + 2048, params=OursParams())
+    tight = replay_ours(traces, offsets, dt, budget=4 * 256 + 2048, params=ShimSettings())
     assert tight.oom_kills == 0 and tight.throttled_s > ours.throttled_s
 
 

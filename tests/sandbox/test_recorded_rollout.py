@@ -18,7 +18,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from model_proxy.backends.scripted import GenerationLatency, ScriptedPolicyBackend, reference_with_tests_commands
-from model_proxy.server import ModelProxyServer
+from recipe.worker_resources import WorkerResources
 from core.task import SWETask
 from recipe.swe_agent_loop import SWEAgentLoop
 from sandbox.measure import TreeRecorder
@@ -82,7 +82,7 @@ def test_reference_with_tests_rollout_records_a_tool_burst(tmp_path, simple_task
             return await loop.run({"temperature": 1.0, "logprobs": True}, raw_prompt=row["prompt"],
                                   extra_info=row["extra_info"])
         finally:
-            await ModelProxyServer.stop_shared()
+            await WorkerResources.close_for_running_loop()
 
     recorder.start()
     try:

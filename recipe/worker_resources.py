@@ -1,0 +1,165 @@
+"""What one agent-loop worker owns and shares between its rollouts.
+
+verl makes a new ``SWEAgentLoop`` object for every sample, but some things belong to
+the worker process: the ModelProxy server every rollout's agent talks to (one port,
+one executor), the resource shim (one memory pool for all of the worker's sandboxes)
+and the graders (their grade caches must see every rollout of a GRPO group).
+``WorkerResources`` owns them, makes each on first use and closes them together.
+
+Who makes it:
+- the rollout CLI (``recipe.rollout``) makes one per run and closes it at the end;
+- tests and other callers of ``SWEAgentLoop.standalone`` pass one (``resources=``);
+- under verl's ``AgentLoopWorker`` (which has no hook for per-worker state) the first
+  loop of a worker's event loop makes it (``for_running_loop``), and it lives as long
+  as that event loop.
+
+A loop whose settings for a shared part differ from the ones it was made with is
+refused (``ValueError`` naming the setting) rather than silently given the first
+loop's server or pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import weakref
+from typing import Any
+
+from model_proxy.server import ModelProxyServer
+from reward.config import RewardConfig
+from reward.grader import Grader
+from sandbox.shim import ResourceShim
+
+from recipe.config import SWEAgentConfig
+
+
+class WorkerResources:
+    """The proxy server, resource shim and graders of one agent-loop worker.
+
+    Args:
+        config: the ``swe_agent`` settings the shared parts are made from (``proxy.host``,
+            ``proxy.port``, ``proxy.freeze_gc``, ``sandbox.shim``); loops using this object
+            must agree on them (``check``).
+
+    Use ``async with WorkerResources(cfg) as resources:`` or call ``aclose()``.
+    """
+
+    def __init__(self, config: SWEAgentConfig) -> None:
+        self._proxy_settings = {
+            "host": config.proxy.host, "port": config.proxy.port, "freeze_gc": config.proxy.freeze_gc,
+        }
+        self._shim_settings = dict(config.sandbox.shim)
+        self._proxy_start: asyncio.Task[ModelProxyServer] | None = None
+        self._shim: ResourceShim | None = None
+        self._graders: dict[RewardConfig, Grader] = {}
+        self.closed = False
+
+    # -- the per-event-loop default (verl's AgentLoopWorker) ---------------------------------
+
+    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, WorkerResources] = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def for_running_loop(cls, config: SWEAgentConfig) -> WorkerResources:
+        """The resources of the running event loop's worker, made on first use.
+
+        Raises:
+            RuntimeError: no running event loop.
+            ValueError: ``config`` disagrees with the settings they were made with.
+        """
+        loop = asyncio.get_running_loop()
+        resources = cls._by_loop.get(loop)
+        if resources is None or resources.closed:
+            resources = cls._by_loop[loop] = cls(config)
+        resources.check(config)
+        return resources
+
+    @classmethod
+    async def close_for_running_loop(cls) -> None:
+        """Close and forget the running event loop's resources, if it has any (tests, scripts)."""
+        resources = cls._by_loop.pop(asyncio.get_running_loop(), None)
+        if resources is not None:
+            await resources.aclose()
+
+    # -- the parts ------------------------------------------------------------------------------
+
+    def check(self, config: SWEAgentConfig) -> None:
+        """Refuse a loop whose shared-part settings differ from these.
+
+        Raises:
+            ValueError: naming the first differing ``swe_agent`` key and both values.
+        """
+        for key, value in self._proxy_settings.items():
+            theirs = getattr(config.proxy, key)
+            if theirs != value:
+                raise ValueError(f"swe_agent.proxy.{key}={theirs!r} differs from this worker's proxy ({value!r}): "
+                                 "one worker serves one proxy")
+        if dict(config.sandbox.shim) != self._shim_settings:
+            raise ValueError(f"swe_agent.sandbox.shim={json.dumps(dict(config.sandbox.shim), sort_keys=True)} differs "
+                             f"from this worker's ({json.dumps(self._shim_settings, sort_keys=True)}): one worker has "
+                             "one memory pool")
+
+    async def proxy(self) -> ModelProxyServer:
+        """The worker's proxy server, started on first use (concurrent first callers share
+        one start; a start that failed is retried by the next caller).
+
+        Raises:
+            RuntimeError: the resources are closed.
+            OSError / RuntimeError: the server could not start (``ModelProxyServer.start``).
+        """
+        self._refuse_if_closed()
+        task = self._proxy_start
+        if task is not None and task.done() and (task.cancelled() or task.exception() is not None):
+            task = None
+        if task is None:
+            task = self._proxy_start = asyncio.get_running_loop().create_task(
+                ModelProxyServer.start(**self._proxy_settings), name="worker-proxy-start")
+        # shield: a caller cancelled while waiting must not cancel the start for the others.
+        return await asyncio.shield(task)
+
+    def shim(self) -> ResourceShim:
+        """The worker's resource shim (its one memory pool), made on first use."""
+        self._refuse_if_closed()
+        if self._shim is None:
+            self._shim = ResourceShim.from_settings(self._shim_settings or None)
+        return self._shim
+
+    def grader(self, config: RewardConfig) -> Grader:
+        """The worker's grader for these reward settings (its grade cache shared by every
+        rollout of the worker), made on first use."""
+        self._refuse_if_closed()
+        grader = self._graders.get(config)
+        if grader is None:
+            grader = self._graders[config] = Grader(config=config)
+        return grader
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Stop the proxy (closing its sessions), drop the shim, close the graders (their
+        prepared trees). Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        task, self._proxy_start = self._proxy_start, None
+        if task is not None:
+            try:
+                server = await asyncio.shield(task)
+            except Exception:  # it never started: nothing to stop
+                server = None
+            if server is not None:
+                await server.stop()
+        # The shim holds no process resources of its own: each rollout's lease releases its group.
+        self._shim = None
+        for grader in self._graders.values():
+            grader.close()
+        self._graders.clear()
+
+    async def __aenter__(self) -> WorkerResources:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    def _refuse_if_closed(self) -> None:
+        if self.closed:
+            raise RuntimeError("these worker resources are closed")
