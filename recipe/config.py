@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from reward.config import RewardConfig
+from sandbox.shim import ShimSettings
 
 
 class Policy(str, Enum):
@@ -108,8 +109,8 @@ class SandboxSettings:
     max_memory_bytes: int = 8589934592
     max_file_bytes: int = 1073741824
     tmp_bytes: int = 536870912
-    # Resource shim (sandbox.shim.ShimSettings fields); off unless `enabled: true` and a cgroup root exists.
-    shim: dict[str, Any] = field(default_factory=dict)
+    # Resource shim (sandbox/shim.py); off unless `enabled: true` and a cgroup root exists.
+    shim: ShimSettings = field(default_factory=ShimSettings)
 
     def jail_spec(self):
         """The jail of the agent's commands (``sandbox.jail.JailSpec``)."""
@@ -203,31 +204,6 @@ class SWEAgentConfig:
         if self.sandbox.backend != "local":
             # sandbox/docker_sandbox.py is not wired into the loop yet: refuse rather than run locally.
             raise ValueError(f"swe_agent.sandbox.backend={self.sandbox.backend!r}: only 'local' runs rollouts today")
-        _check_shim(dict(self.sandbox.shim))
-
-
-def _check_shim(shim: dict[str, Any]) -> None:
-    """``swe_agent.sandbox.shim`` must build a ``sandbox.shim.ShimSettings`` (checked at start-up, not in
-    every rollout).
-
-    Raises:
-        ValueError: an unknown key (named, with the closest valid one) or a value ShimSettings refuses.
-    """
-    import dataclasses
-    import difflib
-
-    from sandbox.shim import ShimSettings
-
-    valid = [f.name for f in dataclasses.fields(ShimSettings)]
-    for key in shim:
-        if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(valid)})"
-            raise ValueError(f"swe_agent.sandbox.shim.{key}: unknown key{hint}")
-    try:
-        ShimSettings(**shim)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"swe_agent.sandbox.shim: {exc}") from exc
 
 
 def load_swe_agent_config(*overrides: Any) -> SWEAgentConfig:

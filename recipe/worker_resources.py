@@ -21,7 +21,7 @@ loop's server or pool.
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import weakref
 from typing import Any
 
@@ -48,7 +48,7 @@ class WorkerResources:
         self._proxy_settings = {
             "host": config.proxy.host, "port": config.proxy.port, "freeze_gc": config.proxy.freeze_gc,
         }
-        self._shim_settings = dict(config.sandbox.shim)
+        self._shim_settings = dataclasses.replace(config.sandbox.shim)
         self._proxy_start: asyncio.Task[ModelProxyServer] | None = None
         self._shim: ResourceShim | None = None
         self._graders: dict[RewardConfig, Grader] = {}
@@ -93,10 +93,9 @@ class WorkerResources:
             if theirs != value:
                 raise ValueError(f"swe_agent.proxy.{key}={theirs!r} differs from this worker's proxy ({value!r}): "
                                  "one worker serves one proxy")
-        if dict(config.sandbox.shim) != self._shim_settings:
-            raise ValueError(f"swe_agent.sandbox.shim={json.dumps(dict(config.sandbox.shim), sort_keys=True)} differs "
-                             f"from this worker's ({json.dumps(self._shim_settings, sort_keys=True)}): one worker has "
-                             "one memory pool")
+        if config.sandbox.shim != self._shim_settings:
+            raise ValueError(f"swe_agent.sandbox.shim={config.sandbox.shim} differs from this worker's "
+                             f"({self._shim_settings}): one worker has one memory pool")
 
     async def proxy(self) -> ModelProxyServer:
         """The worker's proxy server, started on first use (concurrent first callers share
@@ -120,7 +119,7 @@ class WorkerResources:
         """The worker's resource shim (its one memory pool), made on first use."""
         self._refuse_if_closed()
         if self._shim is None:
-            self._shim = ResourceShim.from_settings(self._shim_settings or None)
+            self._shim = ResourceShim(self._shim_settings)
         return self._shim
 
     def grader(self, config: RewardConfig) -> Grader:

@@ -96,6 +96,16 @@ class ShimSettings:
     # A grant unused (usage < half the limit) this long inside a tool is cut to 1.25x usage; 0 = never.
     shrink_after_s: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.cgroup_backend not in ("auto", "v2", "v1", "none"):
+            raise ValueError(f"shim cgroup_backend {self.cgroup_backend!r}: expected auto, v2, v1 or none")
+        for name in ("pool_bytes", "baseline_bytes", "burst_min_bytes", "burst_max_bytes", "hard_max_bytes",
+                     "cpu_quota_cores", "admission_timeout_s", "shrink_after_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"shim {name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.monitor_interval_s > 0:
+            raise ValueError(f"shim monitor_interval_s must be > 0 seconds, got {self.monitor_interval_s!r}")
+
     def resolved_pool_bytes(self) -> int:
         return self.pool_bytes or int(psutil.virtual_memory().total * 0.8)
 

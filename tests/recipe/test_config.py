@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from recipe.config import Policy, SWEAgentConfig, load_swe_agent_config
+from sandbox.shim import ShimSettings
 from recipe.outcome import ExitStatus, from_mini_swe_agent
 from recipe.rollout import load_config
 
@@ -73,9 +74,12 @@ def test_limit_and_infra_classes():
 def test_a_typo_in_the_shim_section_fails_at_start_up_with_the_closest_key():
     # Before: the dict reached ResourceShim in every rollout, a TypeError there became a masked
     # sandbox_error per rollout and training went on with no signal.
-    with pytest.raises(ValueError, match=r"swe_agent\.sandbox\.shim\.pool_byte: unknown key \(did you mean 'pool_bytes'\?\)"):
+    with pytest.raises(ConfigKeyError, match=r"did you mean sandbox\.shim\.pool_bytes"):
         load_swe_agent_config({"sandbox": {"shim": {"enabled": True, "pool_byte": 1 << 30}}})
-    assert load_swe_agent_config({"sandbox": {"shim": {"enabled": True, "pool_bytes": 1 << 30}}}).sandbox.shim
+    with pytest.raises(ValueError, match="cgroup_backend 'v3'"):
+        load_swe_agent_config({"sandbox": {"shim": {"cgroup_backend": "v3"}}})
+    shim = load_swe_agent_config({"sandbox": {"shim": {"enabled": True, "pool_bytes": 1 << 30}}}).sandbox.shim
+    assert type(shim) is ShimSettings and shim.enabled and shim.pool_bytes == 1 << 30
 
 
 def test_a_sandbox_backend_the_loop_cannot_run_is_refused():
@@ -110,3 +114,31 @@ def test_verls_reward_kwargs_refuse_unknown_keys():
 
     with pytest.raises(ValueError, match=r"reward_kwargs\.timout_s: unknown reward setting \(did you mean 'timeout_s'\?\)"):
         compute_score("swe", "", "", extra_info={"instance_id": "x"}, timout_s=5)
+
+
+def _leaf_settings(cls, prefix: str = "swe_agent") -> list[tuple[str, str]]:
+    """(dotted YAML key, field name) of every leaf setting of a schema dataclass."""
+    import dataclasses
+
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out += _leaf_settings(type(default), f"{prefix}.{f.name}")
+        else:
+            out.append((f"{prefix}.{f.name}", f.name))
+    return out
+
+
+def test_every_setting_is_read_by_something():
+    """A key nothing reads is a silent setting: each leaf of the schema is read as an attribute
+    (``.name``) somewhere in the project's code outside the schema classes themselves."""
+    import re
+
+    root = CONFIGS.parent
+    schema_files = {root / "recipe" / "config.py"}
+    sources = "\n".join(p.read_text() for package in ("recipe", "sandbox", "reward", "model_proxy", "core")
+                        for p in (root / package).rglob("*.py") if p not in schema_files)
+    unread = [key for key, name in _leaf_settings(SWEAgentConfig)
+              if not re.search(rf"\.{name}\b", sources)]
+    assert not unread, f"settings nothing reads: {unread}"
