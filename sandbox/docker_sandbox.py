@@ -134,7 +134,8 @@ class DockerSandbox:
         self._closed = False
 
     async def run(self, command: str, *, timeout_s: float) -> CommandResult:
-        """Run ``bash -c command`` in the work tree; killed inside at ``timeout_s`` (exit 137 -> timed_out).
+        """Run ``bash -c command`` in the work tree; killed inside at ``timeout_s`` (exit 137 after
+        ``timeout_s`` -> timed_out; 137 earlier is a kill, e.g. the OOM killer's).
 
         A client-side backstop at ``timeout_s + kill_grace_s`` kills the container itself.
         """
@@ -149,7 +150,26 @@ class DockerSandbox:
             await asyncio.to_thread(self.container.kill)
             return CommandResult(-9, "", True, loop.time() - start)
         text = (out or b"").decode("utf-8", errors="replace")
-        return CommandResult(code, text, code in (124, 137), loop.time() - start)
+        elapsed = loop.time() - start
+        # 137 is also an OOM kill (``oom_kills``): only a command that ran its time out timed out.
+        return CommandResult(code, text, code in (124, 137) and elapsed >= 0.95 * timeout_s, elapsed)
+
+    async def oom_kills(self) -> int:
+        """OOM kills in the container's memory cgroup so far (``oom_kill`` of cgroup v1's
+        ``memory.oom_control`` or v2's ``memory.events``, read inside the container, where it is
+        read-only). The engine's ``State.OOMKilled`` covers only the container's main process,
+        never a tool command started with ``exec`` (checked on docker 20.10, cgroup v1).
+
+        Raises:
+            RuntimeError: neither file is readable.
+        """
+        res = await self.run("cat /sys/fs/cgroup/memory/memory.oom_control 2>/dev/null "
+                             "|| cat /sys/fs/cgroup/memory.events", timeout_s=30)
+        for line in res.output.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit():
+                return int(value)
+        raise RuntimeError(f"no oom_kill counter in the container's memory cgroup: {res.output[-500:]!r}")
 
     async def extract_patch(self) -> str:
         """``git diff`` of the container's work tree against the base commit (new files included)."""

@@ -1,6 +1,15 @@
 #!/usr/bin/env bash
 # Install (idempotent) and run the default test suite; extra arguments go to pytest.
+# A Docker engine and the base image are started for the docker-marked tests when this machine
+# can run one (example/docker_engine.sh); an engine this script started is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash example/install.sh
-exec .venv/bin/python -m pytest "$@"
+engine_was_up=0
+bash example/docker_engine.sh status >/dev/null 2>&1 && engine_was_up=1
+if bash example/docker_engine.sh start; then
+  if [ "$engine_was_up" = 0 ]; then trap 'bash example/docker_engine.sh stop' EXIT; fi
+else
+  echo "no Docker engine here: the docker-marked tests are skipped (SWE_RL_REQUIRE_DOCKER=1 makes them fail)" >&2
+fi
+.venv/bin/python -m pytest "$@"
