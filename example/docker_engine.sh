@@ -66,6 +66,9 @@ build_base_image() {
   as_root debootstrap --variant=minbase --include=python3,python3-pytest,python3-venv,git \
     bookworm "$rootfs" "$MIRROR" >"$STATE/debootstrap.log" 2>&1 || { tail -20 "$STATE/debootstrap.log"; exit 1; }
   as_root rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+  # `python` as SWE-bench images and the tasks' test commands expect it; /testbed as in SWE-bench images.
+  as_root ln -sf python3 "$rootfs/usr/bin/python"
+  as_root mkdir -p "$rootfs/testbed"
   as_root tar -C "$rootfs" -c . | docker import -c 'CMD ["bash"]' - "$BASE_IMAGE" >/dev/null
   as_root rm -rf "$rootfs"
   echo "base image: $BASE_IMAGE built"

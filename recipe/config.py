@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from reward.config import RewardConfig
+from sandbox.docker_sandbox import DockerSettings
 from sandbox.shim import ShimSettings
 
 
@@ -94,7 +95,8 @@ class AgentSettings:
 class SandboxSettings:
     """Where and how each rollout's working copy is made."""
 
-    # Where rollouts run: "local" (the jail of sandbox/local.py) is the one wired to the loop.
+    # Where the agent's commands run: "local" (the bubblewrap jail of sandbox/local.py) or "docker"
+    # (a container per rollout, sandbox/docker_rollout.py; settings in `docker`).
     backend: str = "local"
     # Parent directory for sandboxes; null = the system temp dir.
     parent_dir: str | None = None
@@ -111,6 +113,8 @@ class SandboxSettings:
     tmp_bytes: int = 536870912
     # Resource shim (sandbox/shim.py); off unless `enabled: true` and a cgroup root exists.
     shim: ShimSettings = field(default_factory=ShimSettings)
+    # Containers of the docker backend (sandbox/docker_sandbox.py).
+    docker: DockerSettings = field(default_factory=DockerSettings)
 
     def jail_spec(self):
         """The jail of the agent's commands (``sandbox.jail.JailSpec``)."""
@@ -201,9 +205,11 @@ class SWEAgentConfig:
                              "(python -m reward.audit), never for training")
         if self.agent.mode not in ("tool_call", "text"):
             raise ValueError(f"swe_agent.agent.mode={self.agent.mode!r}: expected 'tool_call' or 'text'")
-        if self.sandbox.backend != "local":
-            # sandbox/docker_sandbox.py is not wired into the loop yet: refuse rather than run locally.
-            raise ValueError(f"swe_agent.sandbox.backend={self.sandbox.backend!r}: only 'local' runs rollouts today")
+        if self.sandbox.backend not in ("local", "docker"):
+            raise ValueError(f"swe_agent.sandbox.backend={self.sandbox.backend!r}: expected 'local' or 'docker'")
+        if self.sandbox.backend == "docker" and self.agent.backend != "mini_swe_agent":
+            raise ValueError("swe_agent.sandbox.backend=docker runs mini-swe-agent's commands in the container; "
+                             "SWE-agent brings its own deployment (swe_agent.agent.sweagent_deployment)")
 
 
 def load_swe_agent_config(*overrides: Any) -> SWEAgentConfig:

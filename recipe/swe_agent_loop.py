@@ -49,6 +49,7 @@ from recipe.runners.mini_swe_agent import MiniSweAgent
 from recipe.runners.swe_agent import swe_agent_for
 from recipe.trajectory import TrajectoryRecord, append_record
 from recipe.worker_resources import WorkerResources
+from sandbox.docker_rollout import DockerRolloutSandbox
 from sandbox.local import LocalSandbox, PatchTooLarge, SandboxError
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,8 @@ class RolloutInfo:
     max_global_steps: int | None = None
     # The task row's split (extra_info["split"]): tells validation rollouts from training ones.
     split: str = ""
-    # Sandbox limits the agent's commands hit ("command_timeout", "output_truncated", "workdir_bytes").
+    # Sandbox limits the agent's commands hit ("command_timeout", "output_truncated", "workdir_bytes",
+    # "patch_bytes", "oom_kill": one per process the OOM killer ended in the rollout's container).
     limits_hit: list[str] = field(default_factory=list)
 
 
@@ -302,10 +304,16 @@ class SWEAgentLoop(AgentLoopBase):
             # The shim admits the rollout from its memory pool (waiting, not OOMing, when short).
             lease = await cleanup.enter_async_context(resources.shim().rollout(info.rollout_id))
             settings = self.swe_config.sandbox
-            sandbox = await LocalSandbox.create(
-                task, parent_dir=settings.parent_dir, rollout_id=info.rollout_id,
-                isolation=settings.isolation, jail=settings.jail_spec(),
-            )
+            if settings.backend == "docker":
+                sandbox = await DockerRolloutSandbox.create_in_docker(
+                    task, factory=await resources.docker(), parent_dir=settings.parent_dir,
+                    rollout_id=info.rollout_id, jail=settings.jail_spec(),
+                )
+            else:
+                sandbox = await LocalSandbox.create(
+                    task, parent_dir=settings.parent_dir, rollout_id=info.rollout_id,
+                    isolation=settings.isolation, jail=settings.jail_spec(),
+                )
 
             stage = ExitStatus.PROXY_ERROR
             handle = proxy.open_session(
@@ -336,6 +344,9 @@ class SWEAgentLoop(AgentLoopBase):
             info.agent_exit_status = agent.raw_exit_status
             info.num_llm_calls = agent.n_calls
             info.limits_hit = list(agent.limits_hit)
+            if isinstance(sandbox, DockerRolloutSandbox):
+                # The engine's State.OOMKilled misses exec'd commands: the container's cgroup counts them.
+                info.limits_hit += ["oom_kill"] * await sandbox.oom_kills()
             info.error = agent.error or (session.error or "")
             stage = ExitStatus.SANDBOX_ERROR
             try:

@@ -2,8 +2,9 @@
 
 verl makes a new ``SWEAgentLoop`` object for every sample, but some things belong to
 the worker process: the ModelProxy server every rollout's agent talks to (one port,
-one executor), the resource shim (one memory pool for all of the worker's sandboxes)
-and the graders (their grade caches must see every rollout of a GRPO group).
+one executor), the resource shim (one memory pool for all of the worker's sandboxes),
+the graders (their grade caches must see every rollout of a GRPO group) and, for the
+docker backend, the container factory (one start-concurrency cap, one reaper).
 ``WorkerResources`` owns them, makes each on first use and closes them together.
 
 Who makes it:
@@ -28,6 +29,7 @@ from typing import Any
 from model_proxy.server import ModelProxyServer
 from reward.config import RewardConfig
 from reward.grader import Grader
+from sandbox.docker_sandbox import DockerSandboxFactory
 from sandbox.shim import ResourceShim
 
 from recipe.config import SWEAgentConfig
@@ -49,6 +51,8 @@ class WorkerResources:
             "host": config.proxy.host, "port": config.proxy.port, "freeze_gc": config.proxy.freeze_gc,
         }
         self._shim_settings = dataclasses.replace(config.sandbox.shim)
+        self._docker_settings = dataclasses.replace(config.sandbox.docker)
+        self._docker: DockerSandboxFactory | None = None
         self._proxy_start: asyncio.Task[ModelProxyServer] | None = None
         self._shim: ResourceShim | None = None
         self._graders: dict[RewardConfig, Grader] = {}
@@ -93,6 +97,9 @@ class WorkerResources:
             if theirs != value:
                 raise ValueError(f"swe_agent.proxy.{key}={theirs!r} differs from this worker's proxy ({value!r}): "
                                  "one worker serves one proxy")
+        if config.sandbox.docker != self._docker_settings:
+            raise ValueError(f"swe_agent.sandbox.docker={config.sandbox.docker} differs from this worker's "
+                             f"({self._docker_settings}): one worker has one container factory")
         if config.sandbox.shim != self._shim_settings:
             raise ValueError(f"swe_agent.sandbox.shim={config.sandbox.shim} differs from this worker's "
                              f"({self._shim_settings}): one worker has one memory pool")
@@ -121,6 +128,28 @@ class WorkerResources:
         if self._shim is None:
             self._shim = ResourceShim(self._shim_settings)
         return self._shim
+
+    async def docker(self) -> DockerSandboxFactory:
+        """The worker's Docker sandbox factory (its start-concurrency cap shared by every rollout),
+        made on first use; containers of dead owners are reaped then, this worker's own at close.
+
+        Raises:
+            docker.errors.DockerException: no engine answers at ``sandbox.docker.base_url``.
+        """
+        self._refuse_if_closed()
+        if self._docker is None:
+            import docker
+
+            settings = self._docker_settings
+            client = await asyncio.to_thread(
+                lambda: docker.DockerClient(base_url=settings.base_url) if settings.base_url else docker.from_env())
+            factory = DockerSandboxFactory(client, settings)
+            await asyncio.to_thread(factory.reap)
+            if self._docker is None:  # another rollout made one meanwhile: keep the first
+                self._docker = factory
+            else:
+                client.close()
+        return self._docker
 
     def grader(self, config: RewardConfig) -> Grader:
         """The worker's grader for these reward settings (its grade cache shared by every
@@ -152,6 +181,10 @@ class WorkerResources:
         for grader in self._graders.values():
             grader.close()
         self._graders.clear()
+        docker, self._docker = self._docker, None
+        if docker is not None:
+            await asyncio.to_thread(docker.reap, own=True)  # every container this worker made
+            docker.client.close()
 
     async def __aenter__(self) -> WorkerResources:
         return self

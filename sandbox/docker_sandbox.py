@@ -52,6 +52,11 @@ class DockerSettings:
     """
 
     image_template: str = "swebench/sweb.eval.x86_64.{instance_id}:latest"
+    # The image of tasks that bring their repository, not an image (simple, smith): built by
+    # example/docker_engine.sh.
+    base_image: str = "swe-rl-base:bookworm"
+    # The engine's address (e.g. tcp://sandbox-host:2376); null = DOCKER_HOST / the local socket.
+    base_url: str | None = None
     memory_bytes: int = 8 << 30
     cpus: float = 2.0
     pids_limit: int = 4096
@@ -83,8 +88,12 @@ def owner_alive(owner: str) -> bool:
 
 
 def image_for(task: SWETask, settings: DockerSettings) -> str:
+    """The task's own image, the base image for a task that brings its repository, else the
+    SWE-bench image name made from the instance id."""
     if task.image_name:
         return task.image_name
+    if task.repo_path:
+        return settings.base_image
     return settings.image_template.format(instance_id=task.instance_id.replace("__", "_1776_").lower())
 
 
@@ -224,6 +233,29 @@ class DockerSandboxFactory:
                 await asyncio.to_thread(self.reap, only_rollout=rollout_id)
                 raise RuntimeError(f"container for {rollout_id} did not start in {self.settings.start_timeout_s} s") from None
         return DockerSandbox(container, rollout_id, task, self.settings)
+
+    async def create_container(self, task: SWETask, rollout_id: str, *, volumes: dict[str, dict[str, str]],
+                               user: str | None, working_dir: str, environment: dict[str, str]) -> Any:
+        """Start a rollout's container with host directories mounted (``DockerRolloutSandbox``):
+        ``container_run_kwargs`` plus the mounts, the user, no capabilities and no privilege gain.
+
+        Raises:
+            RuntimeError: the container did not start within ``start_timeout_s``.
+            docker.errors.DockerException: the engine refused it (e.g. no such image).
+        """
+        kwargs = container_run_kwargs(task, rollout_id, self.settings, owner=self.owner)
+        kwargs.update(volumes=volumes, working_dir=working_dir, environment={**kwargs["environment"], **environment},
+                      cap_drop=["ALL"], security_opt=["no-new-privileges"])
+        if user is not None:
+            kwargs["user"] = user
+        async with self._starts:
+            try:
+                return await asyncio.wait_for(asyncio.to_thread(self.client.containers.run, **kwargs),
+                                              timeout=self.settings.start_timeout_s)
+            except BaseException:
+                # The start may still complete (a timeout, a cancel): remove by label so nothing is left.
+                await asyncio.shield(asyncio.to_thread(self.reap, only_rollout=rollout_id))
+                raise
 
     def reap(self, *, own: bool = False, only_rollout: str | None = None) -> list[str]:
         """Remove our labelled containers whose owner is dead (``own=True``: also this process's).

@@ -1,0 +1,138 @@
+"""A rollout sandbox whose agent commands run in a Docker container (``swe_agent.sandbox.backend=docker``).
+
+The work tree is the local sandbox's own one-commit copy (``LocalSandbox``), bind-mounted
+into a container at the same path, so everything the loop does with it stays the trusted
+host-side code: the patch is extracted through the sandbox's private git directory, the
+agent harness runs on the host and talks to the proxy on loopback, and only the agent's
+commands run in the container (``command_prefix`` = ``docker exec``). The container gives
+what the engine enforces: no network, memory (swap off), CPU and process limits, an OOM
+counter, limits changed while it runs (``docker update``), and removal of everything the
+commands started. The per-command timeout runs inside the container (the runner's
+``timeout`` comes after the prefix), so it holds even when the client side dies.
+
+Inside, commands run as the sandbox's leased uid (``sandbox.jail.lease_uid``) with every
+capability dropped and no privilege gain; the task's interpreter (``task.env_bin``) is
+mounted read-only at its host path, else the image's ``python`` is used.
+
+Tasks with their own image (``task.image_name``, SWE-bench style) use it; others use
+``DockerSettings.base_image`` (``example/docker_engine.sh`` builds ``swe-rl-base:bookworm``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.task import SWETask
+from sandbox.docker_sandbox import LABEL_OWNER, LABEL_ROLLOUT, LABEL_SANDBOX, DockerSandboxFactory, _remove
+from sandbox.jail import JailSpec, give_to_jail, interpreter_paths, lease_uid, running_as_root
+from sandbox.local import LocalSandbox, SandboxError
+
+logger = logging.getLogger(__name__)
+
+# The docker CLI (the host side of every command) needs these from the trainer's environment.
+_CLIENT_ENV = ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH", "DOCKER_CONTEXT")
+
+
+@dataclass(eq=False)
+class DockerRolloutSandbox(LocalSandbox):
+    """A ``LocalSandbox`` whose commands run in its own container (see module docstring).
+
+    Attributes (besides ``LocalSandbox``'s):
+        container: the ``docker`` SDK container object.
+        container_name: its name (``swe-rl-<rollout_id>``).
+    """
+
+    container: Any = None
+    container_name: str = ""
+
+    @classmethod
+    async def create_in_docker(
+        cls,
+        task: SWETask,
+        *,
+        factory: DockerSandboxFactory,
+        parent_dir: str | None = None,
+        rollout_id: str | None = None,
+        jail: JailSpec | None = None,
+    ) -> DockerRolloutSandbox:
+        """The host copy, then the task's container with the copy mounted (waits for a start slot).
+
+        Raises:
+            SandboxError: the copy or the container could not be made; nothing is left.
+        """
+        box = await cls.create(task, parent_dir=parent_dir, rollout_id=rollout_id, isolation="none", jail=jail)
+        try:
+            if running_as_root() and box.jail.uid is not None:
+                box._uid_lease = await asyncio.to_thread(lease_uid, box.jail)
+                box.jail = box._uid_lease.spec
+                await asyncio.to_thread(give_to_jail, box.jail, box.workdir, box.home)
+            box.command_env = _container_env(task, box)
+            mounts = {str(box.workdir): {"bind": str(box.workdir), "mode": "rw"},
+                      str(box.home): {"bind": str(box.home), "mode": "rw"}}
+            if task.env_bin:
+                for path in interpreter_paths(Path(task.env_bin) / "python"):
+                    mounts.setdefault(path, {"bind": path, "mode": "ro"})
+            user = None
+            if box.jail.uid is not None and running_as_root():
+                user = f"{box.jail.uid}:{box.jail.gid if box.jail.gid is not None else box.jail.uid}"
+            box.container = await factory.create_container(
+                task, box.rollout_id, volumes=mounts, user=user, working_dir=str(box.workdir),
+                environment=box.command_env)
+            box.container_name = box.container.name
+            box.command_prefix = ["docker", "exec", "-w", str(box.workdir),
+                                  *[f"-e{k}={v}" for k, v in sorted(box.command_env.items())], box.container_name]
+            box.isolation = "docker"
+        except BaseException as exc:
+            await asyncio.shield(box.teardown())
+            if isinstance(exc, Exception):
+                raise SandboxError(f"{task.instance_id}: cannot start the sandbox container: {exc}") from exc
+            raise
+        return box
+
+    @property
+    def isolated(self) -> bool:
+        return self.container is not None
+
+    def env(self) -> dict[str, str]:
+        """The environment of the host side of each command (the ``docker`` CLI); the command's own
+        environment inside the container is ``command_env``, passed in ``command_prefix``."""
+        host = {k: os.environ[k] for k in _CLIENT_ENV if k in os.environ}
+        return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.home), **host}
+
+    async def oom_kills(self) -> int:
+        """OOM kills in the container's memory cgroup so far (see ``DockerSandbox.oom_kills``)."""
+        code, out = await asyncio.to_thread(
+            self.container.exec_run, ["sh", "-c", "cat /sys/fs/cgroup/memory/memory.oom_control 2>/dev/null "
+                                                  "|| cat /sys/fs/cgroup/memory.events"])
+        for line in (out or b"").decode(errors="replace").splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit():
+                return int(value)
+        return 0
+
+    def _teardown_blocking(self) -> None:
+        if self.container is not None:
+            _remove(self.container)  # kills every process the commands started
+        super()._teardown_blocking()
+
+
+def _container_env(task: SWETask, box: LocalSandbox) -> dict[str, str]:
+    """The commands' environment inside the container: the local sandbox's allowlist, with the
+    host interpreter's directory replaced by the task's (mounted) or none (the image's python)."""
+    env = dict(box.command_env)
+    host_dir = os.path.dirname(sys.executable)
+    parts = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != host_dir]
+    if task.env_bin:
+        parts = [str(task.env_bin)] + [p for p in parts if p != str(task.env_bin)]
+    env["PATH"] = os.pathsep.join(parts)
+    env["TMPDIR"] = "/tmp"
+    return env
+
+
+__all__ = ["DockerRolloutSandbox", "LABEL_OWNER", "LABEL_ROLLOUT", "LABEL_SANDBOX"]
