@@ -11,7 +11,10 @@
 2. At each concurrency: sandbox create+teardown, agent process start (the
    mini-swe-agent entry's imports), grading the reference patch, and the whole
    rollout with ``policy=empty`` (sandbox, agent start, proxy session, one scripted
-   turn, patch extraction, grading) -- everything but the agent's own work.
+   turn, patch extraction, grading) -- everything but the agent's own work. With a Docker
+   engine (``--docker auto``, the default: when one answers) the same for Docker sandboxes
+   (``DockerRolloutSandbox`` create+teardown, a ``backend=docker`` rollout), with the
+   docker/local ratios of the same run.
 
 Prints mean seconds per item and ratios (against concurrency 1, against the
 ``clone`` method, and against seed 001's 26.5 s mean container start).
@@ -119,12 +122,25 @@ async def timed(coro_fn) -> float:
     return time.perf_counter() - t0
 
 
-async def bench_fixed(task: SWETask, data: str, levels: list[int], work: Path) -> dict:
+async def bench_fixed(task: SWETask, data: str, levels: list[int], work: Path, docker: bool = False) -> dict:
     from recipe.rollout import load_config, run_rollouts
     from reward.grading import grade_patch
 
     async def sandbox_cycle():
         box = await LocalSandbox.create(task, parent_dir=str(work / "boxes"))
+        await box.teardown()
+
+    factory = None
+    if docker:
+        import docker as docker_sdk
+
+        from sandbox.docker_rollout import DockerRolloutSandbox
+        from sandbox.docker_sandbox import DockerSandboxFactory, DockerSettings
+
+        factory = DockerSandboxFactory(docker_sdk.from_env(), DockerSettings(start_concurrency=max(levels)))
+
+    async def docker_sandbox_cycle():
+        box = await DockerRolloutSandbox.create_in_docker(task, factory=factory, parent_dir=str(work / "boxes"))
         await box.teardown()
 
     async def agent_start():
@@ -135,15 +151,19 @@ async def bench_fixed(task: SWETask, data: str, levels: list[int], work: Path) -
         await grade_patch(task, task.patch, timeout_s=300)
 
     out = {}
+    parts = [("sandbox", sandbox_cycle), ("agent_start", agent_start), ("grading", grade)]
+    if docker:
+        parts.insert(1, ("docker_sandbox", docker_sandbox_cycle))
     for c in levels:
-        for name, fn in (("sandbox", sandbox_cycle), ("agent_start", agent_start), ("grading", grade)):
+        for name, fn in parts:
             out[(name, c)] = await concurrent(lambda fn=fn: timed(fn), c)
-        cfg = load_config([f"data={data}", "policy=empty", f"concurrency={c}", f"n={c}", "limit=1",
-                           f"out_dir={work / f'rollout-{c}'}"])
-        t0 = time.perf_counter()
-        summary = await run_rollouts(cfg)
-        wall = time.perf_counter() - t0
-        out[("whole_rollout", c)] = (summary["all"]["mean_total_s"], wall)
+        for name, backend in [("whole_rollout", "local")] + ([("docker_rollout", "docker")] if docker else []):
+            cfg = load_config([f"data={data}", "policy=empty", f"concurrency={c}", f"n={c}", "limit=1",
+                               f"out_dir={work / f'rollout-{backend}-{c}'}", f"swe_agent.sandbox.backend={backend}"])
+            t0 = time.perf_counter()
+            summary = await run_rollouts(cfg)
+            wall = time.perf_counter() - t0
+            out[(name, c)] = (summary["all"]["mean_total_s"], wall)
     return out
 
 
@@ -181,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--large-files", type=int, default=3000)
     ap.add_argument("--large-mb", type=int, default=60)
     ap.add_argument("--compare-rev", default=None, help="time policy=empty rollouts against this git revision")
+    ap.add_argument("--docker", choices=("auto", "on", "off"), default="auto",
+                    help="also time Docker sandboxes and rollouts (auto: when an engine answers)")
     args = ap.parse_args(argv)
     from recipe.rollout import read_rows
 
@@ -195,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         large = SWETask(instance_id="large", repo="bench/large", base_commit=head, problem_statement="-",
                         repo_path=str(work / "large_repo"))
         copies = asyncio.run(bench_copies({"small": task, "large": large}, args.reps, work))
-        fixed = asyncio.run(bench_fixed(task, args.data, levels, work))
+        from sandbox.docker_sandbox import docker_engine_available
+
+        docker = args.docker == "on" or (args.docker == "auto" and docker_engine_available()[0])
+        fixed = asyncio.run(bench_fixed(task, args.data, levels, work, docker=docker))
 
     print(f"\n== sandbox create+teardown by copy method (mean of {args.reps}, seconds) ==")
     for label in ("small", "large"):
@@ -205,12 +230,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label:6s} {method:15s} {t:7.3f} s   clone/this = {base / t:5.2f}x   "
                   f"seed container start/this = {SEED_CONTAINER_START_S / t:7.1f}x")
     print("\n== fixed cost per rollout by concurrency (mean seconds per item; wall seconds for the batch) ==")
-    for name in ("sandbox", "agent_start", "grading", "whole_rollout"):
+    names = ("sandbox", "docker_sandbox", "agent_start", "grading", "whole_rollout", "docker_rollout")
+    for name in (n for n in names if (n, levels[0]) in fixed):
         base = fixed[(name, levels[0])][0]
         for c in levels:
             mean, wall = fixed[(name, c)]
             print(f"{name:14s} c={c:3d}  mean {mean:7.3f} s  wall {wall:7.2f} s  "
                   f"mean/c={levels[0]} {mean / base:5.2f}x  throughput {c / wall:6.2f}/s")
+    if ("docker_rollout", levels[0]) in fixed:
+        print("\n== docker / local, same run ==")
+        for c in levels:
+            for docker_name, local_name in (("docker_sandbox", "sandbox"), ("docker_rollout", "whole_rollout")):
+                print(f"{docker_name:14s} c={c:3d}  docker/local {fixed[(docker_name, c)][0] / fixed[(local_name, c)][0]:5.2f}x")
     return 0
 
 
