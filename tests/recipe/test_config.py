@@ -83,9 +83,12 @@ def test_a_typo_in_the_shim_section_fails_at_start_up_with_the_closest_key():
 
 
 def test_a_sandbox_backend_the_loop_cannot_run_is_refused():
-    # Before: the key was read by nothing, so backend=docker silently ran local sandboxes.
-    with pytest.raises(ValueError, match=r"swe_agent\.sandbox\.backend='docker'"):
-        load_swe_agent_config({"sandbox": {"backend": "docker"}})
+    # Before: the key was read by nothing, so any backend silently ran local sandboxes.
+    with pytest.raises(ValueError, match=r"swe_agent\.sandbox\.backend='kubernetes'"):
+        load_swe_agent_config({"sandbox": {"backend": "kubernetes"}})
+    assert load_swe_agent_config({"sandbox": {"backend": "docker"}}).sandbox.backend == "docker"
+    with pytest.raises(ValueError, match="SWE-agent brings its own deployment"):
+        load_swe_agent_config({"sandbox": {"backend": "docker"}, "agent": {"backend": "swe_agent"}})
 
 
 def test_reward_section_is_the_graders_config_with_one_default():
