@@ -31,7 +31,7 @@ from typing import Any
 from core.task import SWETask
 from sandbox.docker_sandbox import LABEL_OWNER, LABEL_ROLLOUT, LABEL_SANDBOX, DockerSandboxFactory, _remove
 from sandbox.jail import JailSpec, give_to_jail, interpreter_paths, lease_uid, running_as_root
-from sandbox.local import LocalSandbox, SandboxError
+from sandbox.local import LocalSandbox
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class DockerRolloutSandbox(LocalSandbox):
             SandboxError: the copy or the container could not be made; nothing is left.
         """
         box = await cls.create(task, parent_dir=parent_dir, rollout_id=rollout_id, isolation="none", jail=jail)
-        try:
+        async with box.torn_down_on_failure("cannot start the sandbox container"):
             if running_as_root() and box.jail.uid is not None:
                 box._uid_lease = await asyncio.to_thread(lease_uid, box.jail)
                 box.jail = box._uid_lease.spec
@@ -88,11 +88,6 @@ class DockerRolloutSandbox(LocalSandbox):
             box.command_prefix = ["docker", "exec", "-w", str(box.workdir),
                                   *[f"-e{k}={v}" for k, v in sorted(box.command_env.items())], box.container_name]
             box.isolation = "docker"
-        except BaseException as exc:
-            await asyncio.shield(box.teardown())
-            if isinstance(exc, Exception):
-                raise SandboxError(f"{task.instance_id}: cannot start the sandbox container: {exc}") from exc
-            raise
         return box
 
     @property

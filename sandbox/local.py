@@ -33,6 +33,7 @@ process groups and then every process still carrying that marker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ import signal
 import sys
 import tempfile
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,7 +256,7 @@ class LocalSandbox:
         root = Path(tempfile.mkdtemp(prefix=SANDBOX_PREFIX, dir=parent_dir))
         box = cls(rollout_id=rollout_id, root=root, workdir=root / "repo", home=root / "home", task=task,
                   runner_dir=root / "runner", jail=jail or JailSpec())
-        try:
+        async with box.torn_down_on_failure("cannot create sandbox"):
             (root / OWNER_FILE).write_text(json.dumps(_owner_record(rollout_id)))
             box.home.mkdir()
             box.runner_dir.mkdir()
@@ -285,12 +287,20 @@ class LocalSandbox:
                                "network", rollout_id)
             else:
                 logger.info("sandbox %s is not isolated (isolation=none)", rollout_id)
-        except BaseException as exc:
-            await asyncio.shield(box.teardown())
-            if isinstance(exc, Exception):
-                raise SandboxError(f"{task.instance_id}: cannot create sandbox: {exc}") from exc
-            raise
         return box
+
+    @contextlib.asynccontextmanager
+    async def torn_down_on_failure(self, what: str) -> AsyncIterator[None]:
+        """Tear this sandbox down when the block fails (nothing is left on disk or running);
+        an ``Exception`` becomes ``SandboxError("<instance id>: <what>: <exc>")``, a cancellation
+        propagates."""
+        try:
+            yield
+        except BaseException as exc:
+            await asyncio.shield(self.teardown())
+            if isinstance(exc, Exception):
+                raise SandboxError(f"{self.task.instance_id}: {what}: {exc}") from exc
+            raise
 
     def env(self) -> dict[str, str]:
         """The environment of the agent's commands (``command_env``: an allowlist with the marker)."""
