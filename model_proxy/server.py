@@ -53,7 +53,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .errors import ProxyError, error_body, session_not_found
+from .errors import ProxyError, session_not_found
 from .metrics import CONTENT_TYPE, ProxyMetrics
 from .profiling import ProfileWriters
 from .render_cache import DEFAULT_MAX_ENTRIES as DEFAULT_RENDER_CACHE_ENTRIES

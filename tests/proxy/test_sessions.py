@@ -11,7 +11,6 @@ import pytest
 
 from model_proxy.backends.base import GenerationOutput
 from model_proxy.backends.scripted import ScriptedPolicyBackend
-from model_proxy.server import ModelProxyServer
 
 from .helpers import BASH_TOOL, RecordingBackend, check_exact_state, make_config, render
 

@@ -12,7 +12,7 @@ from reward.hacks import EFFECTIVE_UNPROTECTED, TASK_VARIANTS, HackBuilder, buil
 from core.task import load_tasks
 from reward.config import RewardConfig
 from reward.grading import grade_patch
-from reward.isolation import NetworkPolicy, grading_policy
+from reward.isolation import grading_policy
 from reward.test_log import TestStatus, parse_test_log
 
 # Grades in flight at once (the machine has 2 cores).
