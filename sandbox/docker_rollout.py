@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from core.task import SWETask
-from sandbox.docker_sandbox import LABEL_OWNER, LABEL_ROLLOUT, LABEL_SANDBOX, DockerSandboxFactory, _remove
+from sandbox.docker_sandbox import (
+    LABEL_OWNER,
+    LABEL_ROLLOUT,
+    LABEL_SANDBOX,
+    OOM_COUNTER_COMMAND,
+    DockerSandboxFactory,
+    _remove,
+    parse_oom_kills,
+)
 from sandbox.jail import JailSpec, give_to_jail, interpreter_paths, lease_uid, running_as_root
 from sandbox.local import LocalSandbox
 
@@ -102,14 +110,8 @@ class DockerRolloutSandbox(LocalSandbox):
 
     async def oom_kills(self) -> int:
         """OOM kills in the container's memory cgroup so far (see ``DockerSandbox.oom_kills``)."""
-        code, out = await asyncio.to_thread(
-            self.container.exec_run, ["sh", "-c", "cat /sys/fs/cgroup/memory/memory.oom_control 2>/dev/null "
-                                                  "|| cat /sys/fs/cgroup/memory.events"])
-        for line in (out or b"").decode(errors="replace").splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill" and value.strip().isdigit():
-                return int(value)
-        return 0
+        _, out = await asyncio.to_thread(self.container.exec_run, ["sh", "-c", OOM_COUNTER_COMMAND])
+        return parse_oom_kills((out or b"").decode(errors="replace")) or 0
 
     def _teardown_blocking(self) -> None:
         if self.container is not None:

@@ -126,6 +126,19 @@ def container_run_kwargs(
     return kwargs
 
 
+# The container's own memory cgroup, as it sees it (cgroup v1, then v2): read-only inside.
+OOM_COUNTER_COMMAND = "cat /sys/fs/cgroup/memory/memory.oom_control 2>/dev/null || cat /sys/fs/cgroup/memory.events"
+
+
+def parse_oom_kills(text: str) -> int | None:
+    """The ``oom_kill`` counter of ``OOM_COUNTER_COMMAND``'s output, or None when it has none."""
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill" and value.strip().isdigit():
+            return int(value)
+    return None
+
+
 def exec_argv(command: str, timeout_s: float) -> list[str]:
     """The in-container argv: coreutils ``timeout`` SIGKILLs the command inside at ``timeout_s``."""
     return ["timeout", "-s", "KILL", f"{max(1, int(timeout_s))}s", "bash", "-c", command]
@@ -172,13 +185,11 @@ class DockerSandbox:
         Raises:
             RuntimeError: neither file is readable.
         """
-        res = await self.run("cat /sys/fs/cgroup/memory/memory.oom_control 2>/dev/null "
-                             "|| cat /sys/fs/cgroup/memory.events", timeout_s=30)
-        for line in res.output.splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill" and value.strip().isdigit():
-                return int(value)
-        raise RuntimeError(f"no oom_kill counter in the container's memory cgroup: {res.output[-500:]!r}")
+        res = await self.run(OOM_COUNTER_COMMAND, timeout_s=30)
+        kills = parse_oom_kills(res.output)
+        if kills is None:
+            raise RuntimeError(f"no oom_kill counter in the container's memory cgroup: {res.output[-500:]!r}")
+        return kills
 
     async def extract_patch(self) -> str:
         """``git diff`` of the container's work tree against the base commit (new files included)."""
