@@ -1,0 +1,158 @@
+"""Prepared trees: a directory built once per key under a private store, copied on demand.
+
+A grade or a rollout must start from a tree nobody has touched. Building it (a git
+checkout, an image's work tree pulled out of the engine) costs far more than copying a
+finished one with ``cp -a`` (one process; reflinks where the file system has them), so
+each key's tree is built once and every user gets its own copy. The prepared tree is
+only ever read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import tempfile
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.process import run_command
+
+# Limit for copying one prepared tree, seconds.
+COPY_TIMEOUT_S = 120.0
+
+
+class TreeCopyError(RuntimeError):
+    """Copying a prepared tree failed (the message carries ``cp``'s output)."""
+
+
+class _Abandoned(Exception):
+    """The build that owned a key was cancelled; a waiter builds it itself."""
+
+
+@dataclass
+class _Tree:
+    ready: Future  # concurrent.futures.Future[Path], awaitable from any loop
+    users: int = 0  # callers copying from (or waiting for) this tree
+
+
+# ``build(dest)`` makes the tree at ``dest`` (which does not exist yet).
+Builder = Callable[[Path], Awaitable[object]]
+
+
+@dataclass
+class PreparedTrees:
+    """Trees built on first use under a private store and copied for each caller.
+
+    Args:
+        work_root: parent directory of the store (None = the system temp dir); the store
+            itself is a new private directory, removed by ``close()`` or when the object
+            is garbage-collected.
+        max_trees: prepared trees kept; beyond it the least recently used tree no caller
+            is copying is removed (a later caller rebuilds it).
+        prefix: the store directory's name prefix.
+
+    Safe across threads and event loops: a key is built at most once at a time (the
+    in-flight build is a ``concurrent.futures.Future`` any loop can await); a failed
+    build is not remembered, so the next caller tries again.
+    """
+
+    work_root: str | None = None
+    max_trees: int = 64
+    prefix: str = "prepared-trees-"
+    _trees: OrderedDict[Hashable, _Tree] = field(default_factory=OrderedDict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _root: Path | None = field(default=None, init=False, repr=False)
+    _finalizer: weakref.finalize | None = field(default=None, init=False, repr=False)
+
+    def _store(self) -> Path:
+        with self._lock:
+            if self._root is None:
+                root = Path(tempfile.mkdtemp(prefix=self.prefix, dir=self.work_root))
+                self._root = root
+                self._finalizer = weakref.finalize(self, shutil.rmtree, str(root), True)
+            return self._root
+
+    async def _build(self, key: Hashable, build: Builder) -> Path:
+        store = await asyncio.to_thread(self._store)
+        name = hashlib.sha256(repr(key).encode()).hexdigest()[:24]
+        staging = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=name + "-", dir=store))
+        final = staging / "repo"
+        try:
+            await build(final)
+        except BaseException:
+            await asyncio.shield(asyncio.to_thread(shutil.rmtree, staging, True))
+            raise
+        return final
+
+    def _evict(self) -> list[Path]:
+        """Drop least recently used idle trees over ``max_trees``; returns their directories."""
+        dropped: list[Path] = []
+        with self._lock:
+            for key in list(self._trees):
+                if len(self._trees) <= self.max_trees:
+                    break
+                tree = self._trees[key]
+                if tree.users == 0 and tree.ready.done() and tree.ready.exception() is None:
+                    del self._trees[key]
+                    dropped.append(tree.ready.result().parent)
+        return dropped
+
+    async def copy_to(self, key: Hashable, build: Builder, dest: Path) -> Path:
+        """Make ``dest`` (must not exist) a copy of ``key``'s tree, building it first if needed.
+
+        Raises:
+            TreeCopyError: the copy failed.
+            OSError: the store cannot be created (work_root missing, disk full).
+            Whatever ``build`` raises (not remembered: the next caller builds again).
+        """
+        while True:
+            with self._lock:
+                tree = self._trees.get(key)
+                owner = tree is None
+                if tree is None:
+                    tree = self._trees[key] = _Tree(Future())
+                    # RUNNING futures cannot be cancelled by a cancelled waiter.
+                    tree.ready.set_running_or_notify_cancel()
+                self._trees.move_to_end(key)
+                tree.users += 1
+            try:
+                if owner:
+                    try:
+                        path = await self._build(key, build)
+                    except BaseException as exc:
+                        with self._lock:
+                            self._trees.pop(key, None)
+                        cancelled = isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit))
+                        tree.ready.set_exception(_Abandoned() if cancelled else exc)
+                        raise
+                    tree.ready.set_result(path)
+                else:
+                    try:
+                        path = await asyncio.wrap_future(tree.ready)
+                    except _Abandoned:
+                        continue
+                # cp -a keeps modes, symlinks and timestamps, as a checkout has them.
+                result = await run_command(["cp", "-a", "--reflink=auto", str(path), str(dest)],
+                                           timeout_s=COPY_TIMEOUT_S)
+                if result.returncode != 0 or result.timed_out:
+                    raise TreeCopyError(f"copying the prepared tree {path} failed: {result.output.strip()[-2000:]}")
+                return dest
+            finally:
+                with self._lock:
+                    tree.users -= 1
+                for stale in self._evict():
+                    await asyncio.shield(asyncio.to_thread(shutil.rmtree, stale, True))
+
+    def close(self) -> None:
+        """Remove every prepared tree (later calls build them again); call when nobody copies."""
+        with self._lock:
+            finalizer, self._root, self._finalizer = self._finalizer, None, None
+            self._trees = OrderedDict()
+        if finalizer is not None:
+            finalizer()
