@@ -39,7 +39,9 @@ class SWETask(BaseModel):
 
     ``repo_path`` is a local git repository whose ``base_commit`` holds the buggy
     code and the visible tests but not the hidden ones; ``image_name`` names a
-    Docker image for the Docker sandbox (SWE-bench-style datasets).
+    Docker image for the Docker sandbox (SWE-bench-style datasets). A task with an
+    image and no ``repo_path`` is an image task: its repository is the image's
+    ``/testbed`` (``sandbox.image_tree``), its ``env_bin`` a directory inside the image.
     """
 
     model_config = ConfigDict(extra="ignore")
@@ -61,7 +63,8 @@ class SWETask(BaseModel):
     image_name: str | None = None
     test_cmd: str = DEFAULT_TEST_CMD
     # Directory put first on PATH for the agent's commands and the grader's test run
-    # (e.g. the bin/ of a per-package virtualenv); None = this interpreter's directory.
+    # (e.g. the bin/ of a per-package virtualenv); None = this interpreter's directory
+    # (an image task: a directory inside the image; None = the image's PATH).
     env_bin: str | None = None
     data_source: str = "swe_simple"
     bug_kind: str = ""

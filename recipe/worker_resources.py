@@ -28,6 +28,7 @@ from typing import Any
 
 from model_proxy.server import ModelProxyServer
 from reward.config import RewardConfig
+from reward.container import ContainerGrading
 from reward.grader import Grader
 from sandbox.docker_sandbox import DockerSandboxFactory
 from sandbox.shim import ResourceShim
@@ -157,7 +158,11 @@ class WorkerResources:
         self._refuse_if_closed()
         grader = self._graders.get(config)
         if grader is None:
-            grader = self._graders[config] = Grader(config=config)
+            # Grades in containers share the rollouts' engine connection and image trees when there is one.
+            containers = None if self._docker is None else ContainerGrading(
+                self._docker.client, self._docker_settings, trees=self._docker.trees, owner=self._docker.owner)
+            grader = self._graders[config] = Grader(config=config, containers=containers,
+                                                    docker_settings=self._docker_settings)
         return grader
 
     # -- lifetime -------------------------------------------------------------------------------
@@ -184,7 +189,7 @@ class WorkerResources:
         docker, self._docker = self._docker, None
         if docker is not None:
             await asyncio.to_thread(docker.reap, own=True)  # every container this worker made
-            docker.client.close()
+            await asyncio.to_thread(docker.close)
 
     async def __aenter__(self) -> WorkerResources:
         return self

@@ -16,6 +16,13 @@ mounted read-only at its host path, else the image's ``python`` is used.
 
 Tasks with their own image (``task.image_name``, SWE-bench style) use it; others use
 ``DockerSettings.base_image`` (``example/docker_engine.sh`` builds ``swe-rl-base:bookworm``).
+
+An image task (no ``repo_path``: the repository is the image's ``/testbed``) gets its work
+tree from the image itself (``sandbox.image_tree``: pulled out once per image and commit,
+copied per rollout), mounted back at the image's work directory (``DockerSettings.workdir``)
+because the image's environment was installed against that path (editable installs,
+compiled extensions); its commands get the image's ``PATH`` with ``task.env_bin``, a
+directory inside the image, first.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from sandbox.docker_sandbox import (
     OOM_COUNTER_COMMAND,
     DockerSandboxFactory,
     _remove,
+    image_for,
     parse_oom_kills,
 )
 from sandbox.jail import JailSpec, give_to_jail, interpreter_paths, lease_uid, running_as_root
@@ -54,10 +62,13 @@ class DockerRolloutSandbox(LocalSandbox):
     Attributes (besides ``LocalSandbox``'s):
         container: the ``docker`` SDK container object.
         container_name: its name (``swe-rl-<rollout_id>``).
+        container_workdir: where the work tree is mounted inside: its host path, or the image's
+            work directory (``DockerSettings.workdir``) for an image task.
     """
 
     container: Any = None
     container_name: str = ""
+    container_workdir: str = ""
 
     @classmethod
     async def create_in_docker(
@@ -74,26 +85,39 @@ class DockerRolloutSandbox(LocalSandbox):
         Raises:
             SandboxError: the copy or the container could not be made; nothing is left.
         """
-        box = await cls.create(task, parent_dir=parent_dir, rollout_id=rollout_id, isolation="none", jail=jail)
+        image_task = not task.repo_path
+        copy_tree = None
+        if image_task:
+            image, workdir = image_for(task, factory.settings), factory.settings.workdir
+
+            async def copy_tree(dest: Path) -> None:
+                await factory.trees.copy_to(image, workdir, task.base_commit, dest)
+
+        box = await cls.create(task, parent_dir=parent_dir, rollout_id=rollout_id, isolation="none", jail=jail,
+                               copy_tree=copy_tree)
         async with box.torn_down_on_failure("cannot start the sandbox container"):
             if running_as_root() and box.jail.uid is not None:
                 box._uid_lease = await asyncio.to_thread(lease_uid, box.jail)
                 box.jail = box._uid_lease.spec
                 await asyncio.to_thread(give_to_jail, box.jail, box.workdir, box.home)
-            box.command_env = _container_env(task, box)
-            mounts = {str(box.workdir): {"bind": str(box.workdir), "mode": "rw"},
+            # An image task's environment was installed against its work directory: the copy goes back there.
+            inside = factory.settings.workdir if image_task else str(box.workdir)
+            image_env = await factory.image_env(image_for(task, factory.settings)) if image_task else {}
+            box.command_env = _container_env(task, box, image_env)
+            mounts = {str(box.workdir): {"bind": inside, "mode": "rw"},
                       str(box.home): {"bind": str(box.home), "mode": "rw"}}
-            if task.env_bin:
+            if task.env_bin and not image_task:
                 for path in interpreter_paths(Path(task.env_bin) / "python"):
                     mounts.setdefault(path, {"bind": path, "mode": "ro"})
             user = None
             if box.jail.uid is not None and running_as_root():
                 user = f"{box.jail.uid}:{box.jail.gid if box.jail.gid is not None else box.jail.uid}"
             box.container = await factory.create_container(
-                task, box.rollout_id, volumes=mounts, user=user, working_dir=str(box.workdir),
+                task, box.rollout_id, volumes=mounts, user=user, working_dir=inside,
                 environment=box.command_env)
             box.container_name = box.container.name
-            box.command_prefix = ["docker", "exec", "-w", str(box.workdir),
+            box.container_workdir = inside
+            box.command_prefix = ["docker", "exec", "-w", inside,
                                   *[f"-e{k}={v}" for k, v in sorted(box.command_env.items())], box.container_name]
             box.isolation = "docker"
         return box
@@ -119,12 +143,18 @@ class DockerRolloutSandbox(LocalSandbox):
         super()._teardown_blocking()
 
 
-def _container_env(task: SWETask, box: LocalSandbox) -> dict[str, str]:
+def _container_env(task: SWETask, box: LocalSandbox, image_env: dict[str, str]) -> dict[str, str]:
     """The commands' environment inside the container: the local sandbox's allowlist, with the
-    host interpreter's directory replaced by the task's (mounted) or none (the image's python)."""
+    host interpreter's directory replaced by the task's (mounted) or none (the image's python).
+
+    An image task keeps its image's ``PATH`` (where the image installed its interpreter), with
+    ``task.env_bin``, a directory inside the image there, first.
+    """
     env = dict(box.command_env)
     host_dir = os.path.dirname(sys.executable)
     parts = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != host_dir]
+    if image_env.get("PATH"):
+        parts = image_env["PATH"].split(os.pathsep)
     if task.env_bin:
         parts = [str(task.env_bin)] + [p for p in parts if p != str(task.env_bin)]
     env["PATH"] = os.pathsep.join(parts)

@@ -34,6 +34,7 @@ import psutil
 
 from core.task import SWETask
 from core.process import CommandResult
+from sandbox.image_tree import ImageTrees
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,17 @@ def image_for(task: SWETask, settings: DockerSettings) -> str:
     if task.repo_path:
         return settings.base_image
     return settings.image_template.format(instance_id=task.instance_id.replace("__", "_1776_").lower())
+
+
+def image_env(client: Any, image: str) -> dict[str, str]:
+    """The image's own environment (its ``ENV`` lines). Blocking.
+
+    Raises:
+        docker.errors.ImageNotFound: no such image on the engine.
+    """
+    attrs = client.images.get(image).attrs
+    pairs = (entry.partition("=") for entry in (attrs.get("Config") or {}).get("Env") or [])
+    return {key: value for key, _, value in pairs if key}
 
 
 def container_run_kwargs(
@@ -221,11 +233,26 @@ class DockerSandboxFactory:
         client: a ``docker.DockerClient`` (``docker.from_env()``).
     """
 
-    def __init__(self, client: Any, settings: DockerSettings | None = None):
+    def __init__(self, client: Any, settings: DockerSettings | None = None, *, work_root: str | None = None):
         self.client = client
         self.settings = settings or DockerSettings()
         self.owner = owner_id()
         self._starts = asyncio.Semaphore(self.settings.start_concurrency)
+        # Image tasks' work trees on the host (one extraction per image and commit).
+        self.trees = ImageTrees(client, work_root)
+
+    async def image_env(self, image: str) -> dict[str, str]:
+        """The image's own environment (its ``ENV`` lines: ``PATH`` to its interpreter, ...).
+
+        Raises:
+            docker.errors.ImageNotFound: no such image on the engine.
+        """
+        return await asyncio.to_thread(image_env, self.client, image)
+
+    def close(self) -> None:
+        """Remove the prepared image trees and close the client (blocking)."""
+        self.trees.close()
+        self.client.close()
 
     async def create(self, task: SWETask, rollout_id: str, *, cgroup_parent: str | None = None) -> DockerSandbox:
         """Start the task's container (waits for a start slot).

@@ -43,7 +43,7 @@ import signal
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,6 +227,7 @@ class LocalSandbox:
         rollout_id: str | None = None,
         isolation: str = "none",
         jail: JailSpec | None = None,
+        copy_tree: Callable[[Path], Awaitable[object]] | None = None,
     ) -> LocalSandbox:
         """Copy ``task.repo_path`` at ``task.base_commit`` into a new private directory.
 
@@ -234,6 +235,9 @@ class LocalSandbox:
             parent_dir: where sandboxes are made (default: the system temp dir).
             isolation: ``none``, ``bwrap`` (fails if bubblewrap does not work here) or ``auto``.
             jail: uid and limits of the jailed commands (``JailSpec()`` defaults).
+            copy_tree: makes the work tree at the path it is given, a one-commit repository
+                (an image task's tree: ``sandbox.image_tree``); None = ``checkout_copy`` of
+                ``task.repo_path``.
 
         Raises:
             SandboxError: the repo is missing or cannot be checked out, or bwrap was
@@ -243,8 +247,9 @@ class LocalSandbox:
         if isolation not in ISOLATION_MODES:
             raise ValueError(f"isolation must be one of {ISOLATION_MODES}, got {isolation!r}")
         rollout_id = rollout_id or uuid.uuid4().hex
-        if not task.repo_path:
-            raise SandboxError(f"{task.instance_id}: task has no repo_path (a Docker image task?)")
+        if not task.repo_path and copy_tree is None:
+            raise SandboxError(f"{task.instance_id}: task has no repo_path (an image task: use "
+                               "swe_agent.sandbox.backend=docker)")
         jailed = False
         if isolation != "none":
             jailed = await asyncio.to_thread(bwrap_available)
@@ -260,7 +265,10 @@ class LocalSandbox:
             (root / OWNER_FILE).write_text(json.dumps(_owner_record(rollout_id)))
             box.home.mkdir()
             box.runner_dir.mkdir()
-            await checkout_copy(task.repo_path, task.base_commit, box.workdir)
+            if copy_tree is not None:
+                await copy_tree(box.workdir)
+            else:
+                await checkout_copy(task.repo_path, task.base_commit, box.workdir)
             await run_command(["cp", "-a", str(box.workdir / ".git"), str(box.git_dir)], timeout_s=120.0)
             interpreter = str(Path(task.env_bin) / "python") if task.env_bin else sys.executable
             box.command_env = clean_env(path_first=os.path.dirname(interpreter), home=str(box.home), extra={
