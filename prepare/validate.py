@@ -9,6 +9,7 @@ A task is valid when, graded on a pristine copy (``reward.grading.grade_patch``)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import TextIO
 from tqdm import tqdm
 
 from core.task import SWETask
+from reward.container import ContainerGrading
 from reward.grading import GradeResult, grade_patch
 
 
@@ -75,8 +77,11 @@ async def validate_task(
     timeout_s: float = 120.0,
     work_root: str | None = None,
     semaphore: asyncio.Semaphore | None = None,
+    containers: ContainerGrading | None = None,
 ) -> ValidationResult:
     """Grade the reference and the empty patch of ``task`` and judge the pair.
+
+    ``containers``: the Docker engine image tasks are graded with (``reward.container``).
 
     The two grades run concurrently, each holding ``semaphore`` (when given)
     while it runs. Never raises for a bad task; the reason is in the result
@@ -87,10 +92,9 @@ async def validate_task(
     async def grade(patch: str) -> GradeResult:
         # The reference defines the expected outcomes (an XFAIL it gives is expected).
         as_reference = patch == task.patch
-        if semaphore is None:
-            return await grade_patch(task, patch, timeout_s=timeout_s, work_root=work_root, as_reference=as_reference)
-        async with semaphore:
-            return await grade_patch(task, patch, timeout_s=timeout_s, work_root=work_root, as_reference=as_reference)
+        async with semaphore or contextlib.nullcontext():
+            return await grade_patch(task, patch, timeout_s=timeout_s, work_root=work_root, as_reference=as_reference,
+                                     containers=containers)
 
     try:
         reference, empty = await asyncio.gather(grade(task.patch), grade(""))
@@ -106,6 +110,7 @@ async def validate_tasks(
     timeout_s: float = 120.0,
     work_root: str | None = None,
     progress: bool = True,
+    containers: ContainerGrading | None = None,
 ) -> list[ValidationResult]:
     """Validate every task, at most ``concurrency`` grades at a time.
 
@@ -115,6 +120,7 @@ async def validate_tasks(
         timeout_s: limit per test run, in seconds.
         work_root: directory for the temporary repository copies.
         progress: show a tqdm bar on stderr.
+        containers: the Docker engine image tasks are graded with.
 
     Returns:
         One ``ValidationResult`` per task, in the order of ``tasks``.
@@ -123,7 +129,8 @@ async def validate_tasks(
     bar = tqdm(total=len(tasks), desc="validating tasks", unit="task", file=sys.stderr, disable=not progress)
 
     async def one(task: SWETask) -> ValidationResult:
-        result = await validate_task(task, timeout_s=timeout_s, work_root=work_root, semaphore=semaphore)
+        result = await validate_task(task, timeout_s=timeout_s, work_root=work_root, semaphore=semaphore,
+                                     containers=containers)
         bar.update(1)
         return result
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import tempfile
 import json
 import sys
 import time
@@ -160,7 +161,7 @@ async def audit(
         async with semaphore:
             patches: dict[str, str] = {"reference": task.patch, "empty": ""}
             try:
-                patches.update(await asyncio.to_thread(build_hacks, task, kinds))
+                patches.update(await _hacks_for(grader, task, kinds))
             except Exception as exc:  # noqa: BLE001 - one task's failure is recorded, the audit goes on
                 for kind in kinds:
                     report.grades.append(Grade(task.instance_id, task.repo, kind, 0.0, False, "hack_build_error",
@@ -181,6 +182,18 @@ async def audit(
     rank = {kind: i for i, kind in enumerate([*BASELINES, *kinds])}
     report.grades.sort(key=lambda g: (order[g.instance_id], rank[g.kind]))
     return report
+
+
+async def _hacks_for(grader: Grader, task: SWETask, kinds: list[str]) -> dict[str, str]:
+    """The task's hack patches, written in its repository or, for an image task, in its image's tree."""
+    if task.repo_path:
+        return await asyncio.to_thread(build_hacks, task, kinds)
+    containers = await grader.containers_for(task)
+    if containers is None:
+        raise RuntimeError(f"{task.instance_id}: an image task, and no Docker engine answers")
+    with tempfile.TemporaryDirectory(prefix="audit-tree-") as tmp:
+        tree = await containers.copy_tree(task, Path(tmp) / "repo")
+        return await asyncio.to_thread(build_hacks, task, kinds, tree=str(tree))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -17,6 +17,7 @@ NetworkMode = Literal["auto", "unshare", "env"]
 
 VARIANTS: tuple[str, ...] = ("binary", "partial", "similarity")
 NETWORK_MODES: tuple[str, ...] = ("auto", "unshare", "env")
+BACKENDS: tuple[str, ...] = ("auto", "local", "docker")
 
 # Default limit on a model patch's size, bytes of UTF-8 text. SWE-bench gold
 # patches are a few KB (the largest well under 100 KB); an agent diff above
@@ -71,6 +72,11 @@ class RewardConfig:
         max_processes: processes of the test run's uid, at most (``RLIMIT_NPROC``).
         max_memory_bytes: address space of each test process, bytes (``RLIMIT_AS``).
         max_file_bytes: size of any file the test run writes, bytes (``RLIMIT_FSIZE``).
+        backend: where the test run runs (``reward.container``): ``auto`` a fresh container of
+            the task's image for image tasks (no ``repo_path``), the local jail for the others;
+            ``docker`` a container for every task; ``local`` never a container (image tasks
+            then fail with ``repo_missing``). Containers use ``swe_agent.sandbox.docker``'s
+            engine, limits and base image.
     """
 
     variant: str = "binary"
@@ -86,8 +92,11 @@ class RewardConfig:
     max_processes: int = 1024
     max_memory_bytes: int = 8 << 30
     max_file_bytes: int = 1 << 30
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"reward backend {self.backend!r}: expected one of {list(BACKENDS)}")
         if self.variant not in VARIANTS:
             raise ValueError(f"reward variant {self.variant!r}: expected one of {list(VARIANTS)}")
         if self.network not in NETWORK_MODES:
@@ -128,6 +137,6 @@ class RewardConfig:
             elif f.name in ("allow_binary", "protect", "fail_fast") and isinstance(value, str):
                 value = value.strip().lower() in ("1", "true", "yes", "on")
             else:
-                value = str(value) if f.name in ("variant", "network") else value
+                value = str(value) if f.name in ("variant", "network", "backend") else value
             kwargs[f.name] = value
         return cls(**kwargs)

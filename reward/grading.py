@@ -37,6 +37,7 @@ from reward.config import RewardConfig
 from reward.applied import Change, applied_changes, directories_with_init, restore, tree_files
 from reward.isolation import NetworkPolicy, grading_env, grading_policy, grading_readable, shell_join
 from reward.patch import PatchError, check_patch, normalize_patch
+from reward.container import ContainerGrading, GradeContainer, in_container
 from reward.pristine import PristineTrees
 from reward.protected import protected_reason, shadowing_candidates, shadowing_roots
 from reward.runner_config import is_shared_config, pytest_settings_changed
@@ -50,6 +51,8 @@ from reward.test_log import (
 )
 from reward.variants import UNPARSABLE_SIMILARITY, binary_reward, partial_reward, patch_similarity
 from core.gitrepo import GitError, checkout_copy, git, git_env
+from core.trees import TreeCopyError
+from sandbox.image_tree import ImageTreeError
 from sandbox.jail import JailSpec, give_to_jail, lease_uid
 from core.process import run_command
 
@@ -66,11 +69,12 @@ GradeErrorClass = Literal[
     "repo_missing",  # task repository or base_commit not found
     "workdir_error",  # the temporary copy could not be made (work_root missing, disk full)
     "test_error",  # test patch did not apply, or the test run crashed / ran nothing
+    "sandbox_error",  # the grade's container could not start (no engine, no image; reward.container)
 ]
 ERROR_CLASSES: tuple[str, ...] = GradeErrorClass.__args__  # type: ignore[attr-defined]
 # Errors of the grading infrastructure, not of the patch: a trainer should mask
 # these rollouts rather than score them 0 (all others are the patch's fault).
-INFRA_ERROR_CLASSES = frozenset({"repo_missing", "workdir_error"})
+INFRA_ERROR_CLASSES = frozenset({"repo_missing", "workdir_error", "sandbox_error"})
 
 # ``grade_patch``'s settings when none are given: every test's outcome (validation, tests).
 FULL_RUN = RewardConfig(fail_fast=False)
@@ -338,10 +342,20 @@ async def _run_tests(
     work_root: str | None,
     pristine: PristineTrees | None = None,
     skip_empty: bool = False,
+    containers: ContainerGrading | None = None,
 ) -> GradeResult:
     """Copy, apply, restore protected files, run; ``outcomes`` filled, the reward not yet (``score`` does it)."""
     result = GradeResult(instance_id=task.instance_id, variant=config.variant)
-    if not task.repo_path or not Path(task.repo_path).exists():
+    containerized = in_container(task, config.backend)
+    if containerized and containers is None:
+        result.error = "sandbox_error"
+        result.log_tail = (f"reward.backend={config.backend} grades {task.instance_id} in a container, but this "
+                           "grader has no Docker engine (none answered, or grade_patch(containers=None))")
+        return result
+    if not task.repo_path and not containerized:
+        result.error, result.log_tail = "repo_missing", "an image task (no repo_path) needs reward.backend=auto or docker"
+        return result
+    if task.repo_path and not Path(task.repo_path).exists():
         result.error, result.log_tail = "repo_missing", f"task repository not found: {task.repo_path!r}"
         return result
     prefix = "grade-" + re.sub(r"[^A-Za-z0-9_.-]", "_", task.instance_id)[:60] + "-"
@@ -353,12 +367,18 @@ async def _run_tests(
     try:
         repo = tmp / "repo"
         try:
-            if pristine is not None:
+            if not task.repo_path:
+                assert containers is not None
+                await containers.copy_tree(task, repo)
+            elif pristine is not None:
                 await pristine.copy_to(task.repo_path, task.base_commit, repo)
             else:
                 await checkout_copy(task.repo_path, task.base_commit, repo)
-        except (FileNotFoundError, GitError) as exc:
+        except (FileNotFoundError, GitError, ImageTreeError, TreeCopyError) as exc:
             result.error, result.log_tail = "repo_missing", _tail(str(exc))
+            return result
+        except Exception as exc:  # the engine: no such image, unreachable
+            result.error, result.log_tail = "sandbox_error", _tail(f"{type(exc).__name__}: {exc}")
             return result
 
         if patch_text:
@@ -397,10 +417,22 @@ async def _run_tests(
         home.mkdir()
         # This grade's own uid (the process limit counts per uid) owns the grade's copy, and nothing else.
         lease = await asyncio.to_thread(lease_uid, network.spec)
+        box: GradeContainer | None = None
         try:
             await asyncio.to_thread(give_to_jail, lease.spec, tmp)
-            await _run_phases(result, task, repo, config, network, runner, home, lease.spec)
+            if containerized:
+                assert containers is not None
+                try:
+                    box = await containers.start(
+                        task, repo=repo, home=home, readable=[str(runner.dir)] if runner is not None else [],
+                        private_dirs=[str(runner.outcomes_file.parent)] if runner is not None else [])
+                except Exception as exc:  # no engine, no image, a start past its limit
+                    result.error, result.log_tail = "sandbox_error", _tail(f"{type(exc).__name__}: {exc}")
+                    return result
+            await _run_phases(result, task, repo, config, network, runner, home, lease.spec, box)
         finally:
+            if box is not None:
+                await box.remove()
             lease.release()
             if runner is not None:
                 await asyncio.to_thread(runner.__exit__)
@@ -413,9 +445,10 @@ async def _run_tests(
 
 async def _run_phases(
     result: GradeResult, task: SWETask, repo: Path, config: RewardConfig, network: NetworkPolicy,
-    runner: PytestRun | None, home: Path, spec: JailSpec,
+    runner: PytestRun | None, home: Path, spec: JailSpec, box: GradeContainer | None = None,
 ) -> None:
-    """Run the test phases (``_phases``) and record every listed test's outcome in ``result``."""
+    """Run the test phases (``_phases``) and record every listed test's outcome in ``result``
+    (in the local jail, or in ``box``, the grade's container)."""
     fail_to_pass = list(task.FAIL_TO_PASS)
     outcomes: dict[str, TestStatus] = {}
     logs: list[str] = []
@@ -433,13 +466,19 @@ async def _run_phases(
             if is_unittest_command(task.test_cmd):
                 selected = _unique([unittest_selector(name) for name in selected])
             command = shell_join(" ".join([task.test_cmd, *failfast]), selected)
-        readable = grading_readable(task) + ([str(runner.dir)] if runner is not None else [])
-        argv = await asyncio.to_thread(lambda: network.wrap(
-            command, writable=[str(repo.parent)], readable=readable, chdir=str(repo), spec=spec))
-        result.network = network.effective
         env = {**grading_env(task, str(home)), **(runner.env() if runner is not None else {})}
-        run = await run_command(argv, cwd=repo, env=env, timeout_s=config.timeout_s,
-                                pass_fds=runner.pass_fds() if runner is not None else ())
+        if box is not None:
+            env["PATH"] = box.path_env(task, env["PATH"])
+            result.network = "none"  # the container's: no interface but loopback
+            run = await box.run(command, env=env, timeout_s=config.timeout_s, spec=spec,
+                                outcomes_file=str(runner.outcomes_file) if runner is not None else None)
+        else:
+            readable = grading_readable(task) + ([str(runner.dir)] if runner is not None else [])
+            argv = await asyncio.to_thread(lambda: network.wrap(
+                command, writable=[str(repo.parent)], readable=readable, chdir=str(repo), spec=spec))
+            result.network = network.effective
+            run = await run_command(argv, cwd=repo, env=env, timeout_s=config.timeout_s,
+                                    pass_fds=runner.pass_fds() if runner is not None else ())
         logs.append(run.output)
         if runner is not None:
             reported = await asyncio.to_thread(runner.outcomes)
@@ -487,6 +526,7 @@ async def grade_patch(
     pristine: PristineTrees | None = None,
     reference: dict[str, str] | None = None,
     as_reference: bool = False,
+    containers: ContainerGrading | None = None,
 ) -> GradeResult:
     """Grade ``model_patch`` on a fresh copy of the task repo (see the module docstring).
 
@@ -516,6 +556,9 @@ async def grade_patch(
             ``needs_reference`` is set.
         as_reference: ``model_patch`` is the reference itself (task validation):
             its own outcomes are the reference.
+        containers: the Docker engine for grades ``config.backend`` puts in a container
+            (``reward.container``; image tasks under ``auto``); None: such a grade ends
+            with error ``sandbox_error``.
 
     Returns:
         A ``GradeResult``. Bad patches, missing repositories, timeouts (the test
@@ -567,7 +610,7 @@ async def grade_patch(
     async def compute() -> GradeResult:
         try:
             graded = await asyncio.wait_for(
-                _run_tests(task, patch_text, config, network, work_root, pristine, skip_empty),
+                _run_tests(task, patch_text, config, network, work_root, pristine, skip_empty, containers),
                 config.grade_timeout_s,
             )
         except TimeoutError:

@@ -125,13 +125,19 @@ class HackBuilder:
         subprocess.CalledProcessError: the clone or checkout failed.
     """
 
-    def __init__(self, task: SWETask) -> None:
+    def __init__(self, task: SWETask, tree: str | None = None) -> None:
+        """``tree``: a one-commit copy of an image task's tree (``sandbox.image_tree``) to clone
+        at its ``HEAD``; None = ``task.repo_path`` at ``task.base_commit``."""
         self.task = task
         self._tmp = tempfile.TemporaryDirectory(prefix="reward-hack-")
         self.repo = Path(self._tmp.name) / "repo"
-        subprocess.run([*_GIT, "clone", "-q", "--no-checkout", task.repo_path, str(self.repo)], check=True,
+        source = tree or task.repo_path
+        if not source:
+            raise ValueError(f"{task.instance_id}: an image task's hacks need its tree (HackBuilder(tree=...))")
+        subprocess.run([*_GIT, "clone", "-q", "--no-checkout", source, str(self.repo)], check=True,
                        capture_output=True, env=_env(), timeout=HACK_GIT_TIMEOUT_S)
-        _git(self.repo, "checkout", "-q", "--detach", task.base_commit)
+        self.base = "HEAD" if tree else task.base_commit
+        _git(self.repo, "checkout", "-q", "--detach", self.base)
 
     def __enter__(self) -> HackBuilder:
         return self
@@ -169,15 +175,15 @@ class HackBuilder:
                             fh.write(content)
             _git(self.repo, "add", "-A")
             rename_args = ["-M10%"] if renames else []
-            return _git(self.repo, "diff", "--cached", "--binary", *rename_args, self.task.base_commit)
+            return _git(self.repo, "diff", "--cached", "--binary", *rename_args, self.base)
         finally:
-            _git(self.repo, "reset", "-q", "--hard", self.task.base_commit)
+            _git(self.repo, "reset", "-q", "--hard", self.base)
             _git(self.repo, "clean", "-qfdx")
 
 
 def make_patch(task: SWETask, edits: Edits) -> str:
     """One hack patch: ``edits`` applied to a fresh clone at base_commit, as ``git diff --binary``."""
-    with HackBuilder(task) as builder:
+    with HackBuilder(task, tree) as builder:
         return builder.patch(edits)
 
 
@@ -487,13 +493,14 @@ HACKS: dict[str, Callable[[HackBuilder], str]] = {
 EFFECTIVE_UNPROTECTED = ("conftest_pass_all", "pytest_ini_plugin", "runner_config_plugin")
 
 
-def build_hacks(task: SWETask, kinds: list[str] | None = None) -> dict[str, str]:
-    """``{kind: patch}`` for ``kinds`` (default: all of ``HACKS``), built in one clone.
+def build_hacks(task: SWETask, kinds: list[str] | None = None, *, tree: str | None = None) -> dict[str, str]:
+    """``{kind: patch}`` for ``kinds`` (default: all of ``HACKS``), built in one clone
+    (of ``tree`` for an image task, see ``HackBuilder``).
 
     Raises:
         KeyError: an unknown kind.
         ValueError: a hack cannot be written for this task (e.g. no source file to edit).
         subprocess.CalledProcessError: git failed.
     """
-    with HackBuilder(task) as builder:
+    with HackBuilder(task, tree) as builder:
         return {kind: HACKS[kind](builder) for kind in (kinds or list(HACKS))}
