@@ -10,7 +10,10 @@ The Docker image is kept in ``image_name``: the row's own (``image_name`` or
 ``docker_image``), else SWE-bench's harness name for the instance
 (``swebench/sweb.eval.x86_64.<id with "__" as "_1776_">:latest``, the naming of
 ``swebench.harness.test_spec`` images pushed to Docker Hub). Rows are converted,
-not run: they need their image and a Docker engine.
+not run here; they run through the Docker path (``swe_agent.sandbox.backend=docker``,
+grading in a fresh container: ``reward.container``) wherever their image is on the
+engine (pulled where a registry is reachable; ``docker image ls`` here). ``env_bin``
+is a directory inside the image: the row's, else SWE-bench's conda env for its images.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ REQUIRED = ("instance_id", "repo", "base_commit", "problem_statement", "patch", 
 ALIASES = {"repo_name": "repo", "commit_hash": "base_commit", "docker_image": "image_name"}
 SWEBENCH_IMAGE_NAMESPACE = "swebench"
 SWEBENCH_IMAGE_ARCH = "x86_64"
+# SWE-bench's images install each instance's environment as the conda env ``testbed``
+# (swebench.harness: ``source /opt/miniconda3/bin/activate && conda activate testbed``); the
+# image's own PATH leads to conda's base interpreter instead.
+SWEBENCH_ENV_BIN = "/opt/miniconda3/envs/testbed/bin"
 
 
 def swebench_image_name(instance_id: str, *, namespace: str = SWEBENCH_IMAGE_NAMESPACE, arch: str = SWEBENCH_IMAGE_ARCH) -> str:
@@ -59,7 +66,9 @@ def convert_row(row: dict[str, Any], *, data_source: str) -> SWETask:
         data["image_name"] = swebench_image_name(str(data["instance_id"]))
     data["data_source"] = data_source
     data["repo_path"] = None
-    data["env_bin"] = None
+    # An image task's env_bin is a directory inside its image: the row's, else SWE-bench's conda env.
+    if not data.get("env_bin"):
+        data["env_bin"] = SWEBENCH_ENV_BIN if "/sweb.eval." in str(data["image_name"]) else None
     # Every string field of SWETask must be a string (SWE-bench's version is sometimes a float).
     for key in ("version", "created_at", "environment_setup_commit", "hints_text", "test_patch"):
         if key in data and data[key] is not None and not isinstance(data[key], str):

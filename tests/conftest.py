@@ -35,3 +35,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from prepare.tiny_model import build_tiny_model
 
     return Path(build_tiny_model(tmp_path_factory.mktemp("tiny_model"), seed=0))
+
+
+@pytest.fixture(scope="session")
+def simple_image_tasks_dir(simple_tasks_dir, tmp_path_factory) -> Path:
+    """The simple tasks as image tasks (``python -m prepare.images``: one image, validated in containers).
+
+    Needs a Docker engine and the base image; request it only from ``docker``-marked tests.
+    """
+    out = tmp_path_factory.mktemp("simple_image_tasks")
+    done = subprocess.run(
+        [sys.executable, "-m", "prepare.images", "--tasks-dir", str(simple_tasks_dir), "--out", str(out),
+         "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out

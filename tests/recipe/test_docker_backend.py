@@ -130,3 +130,20 @@ def test_kill_9_of_16_concurrent_docker_rollouts_then_a_new_start_leaves_no_cont
         if run.poll() is None:
             run.kill()
         client.close()
+
+
+async def test_image_tasks_run_from_their_image_at_testbed_and_grade_in_a_fresh_container(
+        simple_image_tasks_dir, tokenizer, tmp_path):
+    frame = pd.concat([pd.read_parquet(simple_image_tasks_dir / f) for f in ("train.parquet", "test.parquet")])
+    image_rows = frame.to_dict("records")[:3]
+    assert all(row["extra_info"]["repo_path"] == "" and row["extra_info"]["image_name"] for row in image_rows)
+    reference = await _run(tokenizer, image_rows, tmp_path, policy="reference")
+    assert [e["resolved"] for e in reference] == [True] * len(image_rows), [e["error"] for e in reference]
+    empty = await _run(tokenizer, image_rows, tmp_path, policy="empty")
+    assert [e["resolved"] for e in empty] == [False] * len(image_rows)
+    script = tmp_path / "where.sh"
+    script.write_text("pwd > seen_cwd.txt; git log --oneline | wc -l > seen_history.txt\n")
+    seen = (await _run(tokenizer, image_rows[:1], tmp_path, policy="script", script=str(script)))[0]
+    assert "+/testbed" in seen["model_patch"]  # the image's work directory, where its environment expects it
+    assert "seen_history.txt" in seen["model_patch"] and "\n+1\n" in seen["model_patch"]  # one commit, no history
+    _nothing_left(tmp_path)
