@@ -167,11 +167,18 @@ async def build_images(client: Any, tasks: Sequence[SWETask], *, base_image: str
     return [as_image_task(t, images[environment_of(t)]) if t.repo_path else t for t in tasks]
 
 
+def _take(seen: dict[str, int], key: str, limit: int) -> bool:
+    seen[key] = seen.get(key, 0) + 1
+    return seen[key] <= limit
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m prepare.images", description=__doc__.splitlines()[0])
     parser.add_argument("--tasks-dir", required=True, help="directory holding tasks.jsonl (simple or smith)")
     parser.add_argument("--out", required=True, help="where the image tasks' tasks.jsonl and parquet go")
     parser.add_argument("--limit", type=int, default=0, help="first N tasks only (0 = all)")
+    parser.add_argument("--per-environment", type=int, default=0,
+                        help="first K tasks of each environment (smith package) only (0 = all)")
     parser.add_argument("--base-image", default=DockerSettings.base_image, help="the images' FROM")
     parser.add_argument("--concurrency", type=int, default=2, help="validation grades in flight")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per validation test run")
@@ -183,6 +190,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace) -> int:
     tasks = load_tasks(Path(args.tasks_dir) / "tasks.jsonl")
+    if args.per_environment:
+        seen: dict[str, int] = {}
+        tasks = [t for t in tasks if _take(seen, environment_of(t), args.per_environment)]
     if args.limit:
         tasks = tasks[: args.limit]
     settings = DockerSettings(base_image=args.base_image)
@@ -193,9 +203,7 @@ async def run(args: argparse.Namespace) -> int:
         results = await validate_tasks(image_tasks, concurrency=args.concurrency, timeout_s=args.timeout,
                                        progress=not args.no_progress, containers=containers)
     finally:
-        assert containers.trees is not None
-        containers.trees.close()
-        containers.client.close()
+        await asyncio.to_thread(containers.close)
     failed = report_failures(results)
     kept = [t for t, r in zip(image_tasks, results, strict=True) if r.ok]
     if not kept:

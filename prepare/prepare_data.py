@@ -10,6 +10,7 @@ Usage (from the repository root):
     python prepare/prepare_data.py --mode swebench --input FILE.jsonl [--out data/swebench]
         [--data-source swe_bench]
     python prepare/prepare_data.py --validate data/simple   # re-check, drop failures, rewrite
+    python prepare/prepare_data.py --mode smith --images    # + Docker image tasks in OUT/images
 
 Every simple/smith task is validated before it is written (``prepare.validate``);
 a task that fails is reported on stderr (``DROPPED <id>: <reason>``), listed in
@@ -140,6 +141,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=4, help="test runs in flight during validation")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per test run during validation")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--images", action="store_true",
+                        help="also build Docker images of the written tasks and write them as image tasks to "
+                             "OUT/images (python -m prepare.images; needs an engine: example/docker_engine.sh start)")
     smith = parser.add_argument_group("smith mode")
     smith.add_argument("--packages", default="", help="comma-separated package names from the packages file (default: all)")
     smith.add_argument("--packages-file", default="", help="YAML list of packages (default: prepare/smith_packages.yaml)")
@@ -228,6 +232,13 @@ async def run(args: argparse.Namespace) -> int:
         write_outputs, kept, out_dir, seed=args.seed, test_fraction=args.test_fraction
     )
     print(_summary(kept, n_dropped, paths))
+    if kept and args.images:
+        from prepare import images
+
+        return await images.run(images.parse_args(
+            ["--tasks-dir", str(out_dir), "--out", str(out_dir / "images"), "--seed", str(args.seed),
+             "--test-fraction", str(args.test_fraction), "--concurrency", str(args.concurrency),
+             "--timeout", str(args.timeout), *(["--no-progress"] if args.no_progress else [])]))
     return 0 if kept else 1
 
 

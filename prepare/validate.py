@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from core.task import SWETask
 from reward.container import ContainerGrading
+from sandbox.docker_sandbox import DockerSettings
 from reward.grading import GradeResult, grade_patch
 
 
@@ -126,6 +127,12 @@ async def validate_tasks(
         One ``ValidationResult`` per task, in the order of ``tasks``.
     """
     semaphore = asyncio.Semaphore(max(1, concurrency))
+    own = None
+    if containers is None and any(not task.repo_path for task in tasks):
+        try:  # image tasks are graded in containers; without an engine each fails with sandbox_error
+            containers = own = await asyncio.to_thread(ContainerGrading.connect, DockerSettings())
+        except Exception:  # noqa: BLE001
+            containers = None
     bar = tqdm(total=len(tasks), desc="validating tasks", unit="task", file=sys.stderr, disable=not progress)
 
     async def one(task: SWETask) -> ValidationResult:
@@ -138,6 +145,8 @@ async def validate_tasks(
         return list(await asyncio.gather(*(one(task) for task in tasks)))
     finally:
         bar.close()
+        if own is not None:
+            own.close()
 
 
 def report_failures(results: Sequence[ValidationResult], stream: TextIO | None = None) -> int:

@@ -107,6 +107,12 @@ class ContainerGrading:
         client.ping()
         return cls(client, settings)
 
+    def close(self) -> None:
+        """Remove the image trees and close the client (for an object made by ``connect``). Blocking."""
+        if self.trees is not None:
+            self.trees.close()
+        self.client.close()
+
     def workdir_inside(self, task: SWETask, repo: Path) -> str:
         """Where the grade's copy is mounted in the container."""
         return self.settings.workdir if not task.repo_path else str(repo)
@@ -207,9 +213,27 @@ class GradeContainer:
         except TimeoutError:
             await asyncio.to_thread(self.container.kill)
             return CommandResult(-9, "", True, time.monotonic() - start)
+        finally:
+            await asyncio.shield(self.sweep(uid, gid))
         elapsed = time.monotonic() - start
         text = (out or b"").decode("utf-8", errors="replace")
         return CommandResult(code, text, code in (124, 137) and elapsed >= 0.95 * timeout_s, elapsed)
+
+    async def sweep(self, uid: int, gid: int, rounds: int = 3) -> None:
+        """Kill every process of ``uid`` in the container (what a test run left behind).
+
+        The local jail's PID namespace ends with each test run; a container outlives its runs,
+        and a process a run leaves (a daemon of the tested code) could otherwise read the next
+        run's nonce from ``/proc/<pid>/environ`` of its same-uid pytest and write forged records
+        through the descriptor it kept. ``kill -KILL -1`` as that uid reaches exactly its own
+        processes (no capability needed); repeated for processes forked meanwhile.
+        """
+        script = "kill -KILL -1 2>/dev/null; true"
+        for _ in range(rounds):
+            try:
+                await asyncio.to_thread(self.container.exec_run, ["sh", "-c", script], user=f"{uid}:{gid}")
+            except Exception:  # noqa: BLE001 - the container is gone: nothing of it runs
+                return
 
     async def remove(self) -> None:
         """Remove the container and everything running in it (shielded: runs even when cancelled)."""

@@ -8,7 +8,9 @@ Usage (from the repository root):
 
 Inputs follow SWE-bench: instances are task records (``core.task.SWETask``,
 JSONL or a JSON list; FAIL_TO_PASS/PASS_TO_PASS as lists or JSON strings) with
-``repo_path`` pointing at a local git repository; predictions carry
+``repo_path`` pointing at a local git repository, or image tasks (``image_name``, no
+``repo_path``; graded in a fresh container of the image, ``reward.container``, on the
+engine ``DOCKER_HOST`` names); predictions carry
 ``instance_id``, ``model_name_or_path`` and ``model_patch`` (JSONL, a JSON list,
 or a JSON object keyed by instance id, as ``swebench.harness.run_evaluation``
 accepts).
@@ -47,7 +49,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm import tqdm
 
 from core.task import SWETask
-from reward.config import DEFAULT_GRADE_TIMEOUT_S, DEFAULT_MAX_PATCH_BYTES, NETWORK_MODES, VARIANTS, RewardConfig
+from reward.config import (
+    BACKENDS,
+    DEFAULT_GRADE_TIMEOUT_S,
+    DEFAULT_MAX_PATCH_BYTES,
+    NETWORK_MODES,
+    VARIANTS,
+    RewardConfig,
+)
 from reward.grader import Grader
 from reward.grading import GradeResult
 
@@ -274,6 +283,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"reject larger patches (default {DEFAULT_MAX_PATCH_BYTES})")
     parser.add_argument("--network", choices=NETWORK_MODES, default="auto", help="test-run network isolation")
     parser.add_argument("--work-root", default=None, help="directory for temporary repository copies")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="where test runs run: auto (containers for image tasks), local, docker")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     if args.max_workers < 1:
@@ -293,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # The whole-grade limit leaves the test run its full --timeout plus room for the copy and git.
     config = RewardConfig(variant=args.variant, timeout_s=args.timeout, max_patch_bytes=args.max_patch_bytes,
+                          backend=args.backend,
                           network=args.network, grade_timeout_s=max(DEFAULT_GRADE_TIMEOUT_S, args.timeout + 300.0),
                           fail_fast=False)  # the report lists every test's outcome
     report = asyncio.run(evaluate(inputs, config, max_workers=args.max_workers, work_root=args.work_root,

@@ -81,9 +81,7 @@ class Grader:
         if self.pristine is not None:
             self.pristine.close()
         if self._own_containers and self.containers is not None:
-            assert self.containers.trees is not None
-            self.containers.trees.close()
-            self.containers.client.close()
+            self.containers.close()
             self.containers, self._own_containers = None, False
 
     async def grade(self, task: SWETask, model_patch: str, *, skip_empty: bool = True) -> GradeResult:

@@ -183,7 +183,7 @@ class HackBuilder:
 
 def make_patch(task: SWETask, edits: Edits) -> str:
     """One hack patch: ``edits`` applied to a fresh clone at base_commit, as ``git diff --binary``."""
-    with HackBuilder(task, tree) as builder:
+    with HackBuilder(task) as builder:
         return builder.patch(edits)
 
 

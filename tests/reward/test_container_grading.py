@@ -148,3 +148,54 @@ async def test_swebench_format_rows_whose_image_is_on_the_engine_grade_through_t
     finally:
         grader.close()
     _no_container_left()
+
+
+def test_evaluate_cli_grades_image_task_predictions_in_containers(simple_image_tasks_dir, image_tasks, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    preds = tmp_path / "preds.jsonl"
+    with preds.open("w") as fh:
+        for i, task in enumerate(image_tasks[:2]):
+            fh.write(json.dumps({"instance_id": task.instance_id, "model_name_or_path": "m",
+                                 "model_patch": task.patch if i == 0 else ""}) + "\n")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "reward.evaluate", "--instances",
+                           str(simple_image_tasks_dir / "tasks.jsonl"), "--predictions", str(preds),
+                           "--out", str(tmp_path / "report.json"), "--no-progress", "--max-workers", "2"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["resolved_ids"] == [image_tasks[0].instance_id], report
+    _no_container_left()
+
+
+async def test_a_process_the_tested_code_leaves_does_not_live_into_the_next_test_run(image_tasks, tmp_path):
+    """The local jail's PID namespace ends with each run; a grade's container outlives its runs (phases)."""
+    from reward.container import ContainerGrading
+    from sandbox.docker_sandbox import DockerSettings
+    from sandbox.jail import JailSpec
+
+    containers = ContainerGrading.connect(DockerSettings())
+    task = image_tasks[0]
+    repo, home = tmp_path / "repo", tmp_path / "home"
+    home.mkdir()
+    await containers.copy_tree(task, repo)
+    box = await containers.start(task, repo=repo, home=home, readable=[], private_dirs=[])
+    try:
+        spec = JailSpec(uid=201999, gid=201999, max_processes=64)
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(home)}
+        # The image has no ps: count the sleepers from /proc.
+        count = ("n=0; for f in /proc/[0-9]*/cmdline; do case \"$(tr '\\0' ' ' < $f 2>/dev/null)\" in "
+                 "'sleep 30'?' ') n=$((n+1));; esac; done; echo $n")
+        first = await box.run("setsid sh -c 'sleep 300 & sleep 301 &' ; nohup sleep 302 >/dev/null 2>&1 & sleep 1; "
+                              + count, env=env, timeout_s=30, spec=spec, outcomes_file=None)
+        assert first.output.strip().splitlines()[-1] == "3", first.output  # left running by the first run
+        second = await box.run(count, env=env, timeout_s=30, spec=spec, outcomes_file=None)
+        assert second.output.strip().splitlines()[-1] == "0", second.output
+    finally:
+        await box.remove()
+        containers.close()

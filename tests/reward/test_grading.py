@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from reward.config import RewardConfig
 from reward.grading import grade_patch
 
 
@@ -66,7 +67,11 @@ async def test_missing_repo(calc_task, tmp_path):
     result = await grade_patch(missing, calc_task.patch)
     assert result.error == "repo_missing" and result.reward == 0.0
     no_path = calc_task.model_copy(update={"repo_path": None})
-    assert (await grade_patch(no_path, calc_task.patch)).error == "repo_missing"
+    # No repository: an image task, graded in a container; with no engine given that is the grader's failure.
+    no_engine = await grade_patch(no_path, calc_task.patch)
+    assert no_engine.error == "sandbox_error" and no_engine.is_infra_error
+    local = await grade_patch(no_path, calc_task.patch, config=RewardConfig(backend="local", fail_fast=False))
+    assert local.error == "repo_missing" and local.is_infra_error
 
 
 async def test_unknown_base_commit(calc_task, tmp_path):
