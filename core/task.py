@@ -40,8 +40,10 @@ class SWETask(BaseModel):
     ``repo_path`` is a local git repository whose ``base_commit`` holds the buggy
     code and the visible tests but not the hidden ones; ``image_name`` names a
     Docker image for the Docker sandbox (SWE-bench-style datasets). A task with an
-    image and no ``repo_path`` is an image task: its repository is the image's
-    ``/testbed`` (``sandbox.image_tree``), its ``env_bin`` a directory inside the image.
+    image runs in it (``runs_in_image``): its work tree is mounted at the image's
+    ``/testbed`` and its ``env_bin`` is a directory inside the image; without a
+    ``repo_path`` the tree itself comes from the image's ``/testbed``
+    (``sandbox.image_tree``).
     """
 
     model_config = ConfigDict(extra="ignore")
@@ -76,6 +78,12 @@ class SWETask(BaseModel):
         if isinstance(value, str):
             return json.loads(value) if value.strip() else []
         return value
+
+    @property
+    def runs_in_image(self) -> bool:
+        """True when the task's environment is an image (``image_name`` set, or no ``repo_path``:
+        SWE-bench's image named from the instance id), not the host's ``env_bin``."""
+        return bool(self.image_name) or not self.repo_path
 
     def to_extra_info(self) -> dict[str, str]:
         """All fields as strings (lists JSON-encoded) for a parquet ``extra_info`` column."""

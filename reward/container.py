@@ -1,8 +1,8 @@
 """A grade's test runs in a fresh container of the task's image, the way SWE-bench's harness grades.
 
-Which grades run here is ``RewardConfig.backend``: ``auto`` (the default) puts image tasks
-(no ``repo_path``: the environment exists only in the image) in containers and grades the
-others in the local jail (``reward.isolation``); ``docker`` puts every grade in a container
+Which grades run here is ``RewardConfig.backend``: ``auto`` (the default) puts tasks that
+run in an image (``SWETask.runs_in_image``: ``image_name`` set or no ``repo_path``; their
+environment exists only in the image) in containers and grades the others in the local jail (``reward.isolation``); ``docker`` puts every grade in a container
 (tasks that bring their repository use ``DockerSettings.base_image`` with their interpreter
 mounted read-only); ``local`` never starts one.
 
@@ -61,7 +61,7 @@ FALLBACK_UID = 65534
 
 def in_container(task: SWETask, backend: str) -> bool:
     """Whether ``task``'s grade runs in a container under ``RewardConfig.backend``."""
-    return backend == "docker" or (backend == "auto" and not task.repo_path)
+    return backend == "docker" or (backend == "auto" and task.runs_in_image)
 
 
 @dataclass
@@ -115,7 +115,7 @@ class ContainerGrading:
 
     def workdir_inside(self, task: SWETask, repo: Path) -> str:
         """Where the grade's copy is mounted in the container."""
-        return self.settings.workdir if not task.repo_path else str(repo)
+        return self.settings.workdir if task.runs_in_image else str(repo)
 
     async def start(self, task: SWETask, *, repo: Path, home: Path, readable: list[str],
                     private_dirs: list[str]) -> GradeContainer:
@@ -138,7 +138,7 @@ class ContainerGrading:
         for path in private_dirs:
             volumes[path] = {"bind": path, "mode": "rw"}
         paths = list(readable)
-        if task.env_bin and task.repo_path:  # the host's interpreter, for a task graded in the base image
+        if task.env_bin and not task.runs_in_image:  # the host's interpreter, for a task graded in the base image
             paths += interpreter_paths(Path(task.env_bin) / "python")
         for path in paths:
             volumes.setdefault(path, {"bind": path, "mode": "ro"})
@@ -156,7 +156,7 @@ class ContainerGrading:
         except BaseException:
             await asyncio.shield(asyncio.to_thread(self.reap_grade, grade_id))
             raise
-        env = await asyncio.to_thread(image_env, self.client, kwargs["image"]) if not task.repo_path else {}
+        env = await asyncio.to_thread(image_env, self.client, kwargs["image"]) if task.runs_in_image else {}
         return GradeContainer(container, inside, self.settings, env.get("PATH", ""))
 
     def reap_grade(self, grade_id: str) -> None:
@@ -176,7 +176,7 @@ class GradeContainer:
 
     def path_env(self, task: SWETask, host_path: str) -> str:
         """The test run's ``PATH``: an image task's image ``PATH`` (``task.env_bin`` first), else the host's."""
-        if task.repo_path:
+        if not task.runs_in_image:
             return host_path
         parts = [p for p in self.image_path.split(":") if p] or ["/usr/local/bin", "/usr/bin", "/bin"]
         if task.env_bin:

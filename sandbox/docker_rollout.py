@@ -19,7 +19,8 @@ Tasks with their own image (``task.image_name``, SWE-bench style) use it; others
 
 An image task (no ``repo_path``: the repository is the image's ``/testbed``) gets its work
 tree from the image itself (``sandbox.image_tree``: pulled out once per image and commit,
-copied per rollout), mounted back at the image's work directory (``DockerSettings.workdir``)
+copied per rollout). Every task that runs in an image (``SWETask.runs_in_image``) has its tree
+mounted at the image's work directory (``DockerSettings.workdir``)
 because the image's environment was installed against that path (editable installs,
 compiled extensions); its commands get the image's ``PATH`` with ``task.env_bin``, a
 directory inside the image, first.
@@ -85,9 +86,9 @@ class DockerRolloutSandbox(LocalSandbox):
         Raises:
             SandboxError: the copy or the container could not be made; nothing is left.
         """
-        image_task = not task.repo_path
+        image_task = task.runs_in_image
         copy_tree = None
-        if image_task:
+        if not task.repo_path:
             image, workdir = image_for(task, factory.settings), factory.settings.workdir
 
             async def copy_tree(dest: Path) -> None:

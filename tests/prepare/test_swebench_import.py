@@ -29,9 +29,12 @@ def test_converts_rows_and_reports_bad_lines(prepare_cli, tmp_path):
     assert astropy.image_name == "swebench/sweb.eval.x86_64.astropy_1776_astropy-12907:latest"
     assert astropy.test_patch.startswith("diff --git a/astropy/modeling/tests/")
     assert astropy.repo_path is None and astropy.data_source == "swe_bench"
+    # SWE-bench's images keep the instance's environment in the conda env "testbed", not on the image's PATH.
+    assert astropy.runs_in_image and astropy.env_bin == "/opt/miniconda3/envs/testbed/bin"
 
     smith = tasks["pudo__dataset.5c2dc8d3.func_basic__0hyyg2hw"]
     assert smith.image_name == "jyangballin/swesmith.x86_64.pudo_1776_dataset.5c2dc8d3"  # the row's own image
+    assert smith.env_bin is None  # another image's environment: its own PATH
     r2e = tasks["r2e__orange3-1234"]
     assert (r2e.repo, r2e.base_commit[:6], r2e.image_name) == ("biolab/orange3", "abcdef", "namanjain12/orange3_final:abcdef")
     assert r2e.version == "3.1"
