@@ -42,13 +42,13 @@ from typing import Any
 from core.process import CommandResult
 from core.task import SWETask
 from sandbox.docker_sandbox import (
-    LABEL_ROLLOUT,
     DockerSettings,
     _remove,
     container_run_kwargs,
     image_env,
     image_for,
     owner_id,
+    reap_containers,
 )
 from sandbox.image_tree import ImageTrees
 from sandbox.jail import JailSpec, interpreter_paths
@@ -83,6 +83,7 @@ class ContainerGrading:
     trees: ImageTrees | None = None
     owner: str = field(default_factory=owner_id)
     _starts: threading.BoundedSemaphore = field(init=False, repr=False)
+    _made_here: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.trees is None:
@@ -105,12 +106,18 @@ class ContainerGrading:
 
         client = docker.DockerClient(base_url=settings.base_url) if settings.base_url else docker.from_env()
         client.ping()
-        return cls(client, settings)
+        made = cls(client, settings)
+        made._made_here = True
+        reap_containers(client, made.owner)  # what killed graders (and rollouts) left behind
+        return made
 
     def close(self) -> None:
-        """Remove the image trees and close the client (for an object made by ``connect``). Blocking."""
+        """Remove the image trees, this process's grade containers still there (a start that went on
+        after its grade was cancelled) and close the client; for an object made by ``connect``. Blocking."""
         if self.trees is not None:
             self.trees.close()
+        if self._made_here:
+            reap_containers(self.client, self.owner, own=True)
         self.client.close()
 
     def workdir_inside(self, task: SWETask, repo: Path) -> str:
@@ -161,8 +168,7 @@ class ContainerGrading:
 
     def reap_grade(self, grade_id: str) -> None:
         """Remove a grade's container by its label (a start that timed out or was cancelled)."""
-        for c in self.client.containers.list(all=True, filters={"label": [f"{LABEL_ROLLOUT}={grade_id}"]}):
-            _remove(c)
+        reap_containers(self.client, self.owner, only_rollout=grade_id)
 
 
 @dataclass

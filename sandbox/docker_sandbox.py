@@ -300,20 +300,28 @@ class DockerSandboxFactory:
 
         Returns the removed containers' rollout ids. Blocking.
         """
-        filters = {"label": [f"{LABEL_SANDBOX}=1"]}
-        if only_rollout:
-            filters["label"].append(f"{LABEL_ROLLOUT}={only_rollout}")
-        removed = []
-        for c in self.client.containers.list(all=True, filters=filters):
-            labels = c.labels or {}
-            owner = labels.get(LABEL_OWNER, "")
-            mine = owner == self.owner
-            if only_rollout or (mine and own) or (not mine and not owner_alive(owner)):
-                _remove(c)
-                removed.append(labels.get(LABEL_ROLLOUT, c.id))
-        if removed:
-            logger.warning("removed %d leftover sandbox container(s)", len(removed))
-        return removed
+        return reap_containers(self.client, self.owner, own=own, only_rollout=only_rollout)
+
+
+def reap_containers(client: Any, owner: str, *, own: bool = False, only_rollout: str | None = None) -> list[str]:
+    """Remove the project's labelled containers whose owner process is dead; with ``own`` also
+    ``owner``'s; with ``only_rollout`` exactly that rollout's (any owner). Returns their rollout ids.
+    Blocking.
+    """
+    filters = {"label": [f"{LABEL_SANDBOX}=1"]}
+    if only_rollout:
+        filters["label"].append(f"{LABEL_ROLLOUT}={only_rollout}")
+    removed = []
+    for c in client.containers.list(all=True, filters=filters):
+        labels = c.labels or {}
+        theirs = labels.get(LABEL_OWNER, "")
+        mine = theirs == owner
+        if only_rollout or (mine and own) or (not mine and not owner_alive(theirs)):
+            _remove(c)
+            removed.append(labels.get(LABEL_ROLLOUT, c.id))
+    if removed:
+        logger.warning("removed %d leftover sandbox container(s)", len(removed))
+    return removed
 
 
 def docker_engine_available() -> tuple[bool, str]:

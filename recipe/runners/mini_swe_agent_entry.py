@@ -10,6 +10,7 @@ Kept free of project imports other than the spec model so it starts fast.
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -65,6 +66,28 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+def _child_dies_with(parent: int):
+    """A ``preexec_fn`` (runs between fork and exec) giving the child ``PR_SET_PDEATHSIG`` and
+    checking its parent is still ``parent``; everything it calls is resolved here, before any fork,
+    so the child imports nothing."""
+    import ctypes
+    import os
+    import signal
+
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl, getppid, exit_now, kill = ctypes.CDLL(None, use_errno=True).prctl, os.getppid, os._exit, int(signal.SIGKILL)
+
+    def preexec() -> None:
+        prctl(1, kill)  # PR_SET_PDEATHSIG
+        if getppid() != parent:
+            exit_now(1)
+
+    return preexec
+
+
+_CHILD_DIES_WITH_US = None  # set in main() (the pid is this process's)
+
 # Limits the agent's commands hit in this run (reported in RunnerResult.limits_hit).
 LIMITS_HIT: list[str] = []
 
@@ -81,8 +104,10 @@ def run_bounded(argv: list[str], *, cwd: str, env: dict, timeout_s: float, max_b
     import subprocess
     import time
 
+    # The command dies with this process even when it is killed while the command starts: the jail
+    # (bubblewrap's --die-with-parent) only guards what it starts, not itself before its own prctl.
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_CHILD_DIES_WITH_US)
     kept, total, timed_out = bytearray(), 0, False
     deadline = time.monotonic() + timeout_s
     with selectors.DefaultSelector() as selector:
@@ -167,7 +192,9 @@ def sandboxed_environment(base_cls, spec):
 def main(spec_path: str) -> int:
     from recipe.runners.spec import RunnerResult, RunnerSpec
 
+    global _CHILD_DIES_WITH_US
     die_with_parent()
+    _CHILD_DIES_WITH_US = _child_dies_with(os.getpid())
     spec = RunnerSpec.model_validate_json(Path(spec_path).read_text())
     result = RunnerResult(exit_status="AgentNotStarted")
     try:

@@ -169,7 +169,8 @@ def test_evaluate_cli_grades_image_task_predictions_in_containers(simple_image_t
                           cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["resolved_ids"] == [image_tasks[0].instance_id], report
+    assert report["summary"]["resolved_ids"] == [image_tasks[0].instance_id], report["summary"]
+    assert report["summary"]["empty_patch_ids"] == [image_tasks[1].instance_id]
     _no_container_left()
 
 
