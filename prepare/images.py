@@ -153,7 +153,10 @@ async def build_images(client: Any, tasks: Sequence[SWETask], *, base_image: str
                        work_root: str | None = None, progress: bool = True) -> list[SWETask]:
     """One image per environment (``environment_of``); returns the tasks as image tasks, in order.
 
-    Tasks without a repository are kept as they are (already image tasks).
+    Tasks without a repository are kept as they are (already image tasks). An environment whose
+    image cannot be built (e.g. its venv's Python minor version is not the base image's) is
+    reported on stderr for each of its tasks (``DROPPED <id>: image build failed: ...``) and its
+    tasks are left out; the others go on.
     """
     groups: dict[str, list[SWETask]] = {}
     for task in tasks:
@@ -163,8 +166,14 @@ async def build_images(client: Any, tasks: Sequence[SWETask], *, base_image: str
     for i, (group, members) in enumerate(groups.items(), 1):
         if progress:
             print(f"[{i}/{len(groups)}] image for {len(members)} task(s) of {group}", file=sys.stderr, flush=True)
-        images[group] = await build_image(client, group, members, base_image=base_image, work_root=work_root)
-    return [as_image_task(t, images[environment_of(t)]) if t.repo_path else t for t in tasks]
+        try:
+            images[group] = await build_image(client, group, members, base_image=base_image, work_root=work_root)
+        except Exception as exc:  # noqa: BLE001 - one environment's failure drops its tasks only
+            why = str(exc).strip().splitlines()[-1:] or [type(exc).__name__]
+            for task in members:
+                print(f"DROPPED {task.instance_id}: image build failed for {group}: {why[0][:300]}", file=sys.stderr)
+    return [as_image_task(t, images[environment_of(t)]) if t.repo_path else t
+            for t in tasks if not t.repo_path or environment_of(t) in images]
 
 
 def _take(seen: dict[str, int], key: str, limit: int) -> bool:

@@ -200,3 +200,19 @@ async def test_a_process_the_tested_code_leaves_does_not_live_into_the_next_test
     finally:
         await box.remove()
         containers.close()
+
+
+async def test_an_environment_whose_image_cannot_be_built_drops_its_tasks_with_the_reason(simple_tasks_dir, capsys):
+    import docker
+
+    from prepare.images import build_images
+
+    tasks = load_tasks(str(simple_tasks_dir / "tasks.jsonl"))[:2]
+    client = docker.from_env()
+    try:
+        built = await build_images(client, tasks, base_image="swe-rl-no-such-base:none", progress=False)
+    finally:
+        client.close()
+    assert built == []
+    err = capsys.readouterr().err
+    assert all(f"DROPPED {t.instance_id}: image build failed" in err for t in tasks), err
