@@ -146,7 +146,7 @@ async def validate_tasks(
     finally:
         bar.close()
         if own is not None:
-            own.close()
+            await asyncio.to_thread(own.close)
 
 
 def report_failures(results: Sequence[ValidationResult], stream: TextIO | None = None) -> int:

@@ -184,7 +184,7 @@ class WorkerResources:
         # The shim holds no process resources of its own: each rollout's lease releases its group.
         self._shim = None
         for grader in self._graders.values():
-            grader.close()
+            await asyncio.to_thread(grader.close)  # may remove trees and talk to the engine
         self._graders.clear()
         docker, self._docker = self._docker, None
         if docker is not None:

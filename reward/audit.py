@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import tempfile
 import json
 import sys
@@ -191,9 +192,12 @@ async def _hacks_for(grader: Grader, task: SWETask, kinds: list[str]) -> dict[st
     containers = await grader.containers_for(task)
     if containers is None:
         raise RuntimeError(f"{task.instance_id}: an image task, and no Docker engine answers")
-    with tempfile.TemporaryDirectory(prefix="audit-tree-") as tmp:
+    tmp = await asyncio.to_thread(tempfile.mkdtemp, prefix="audit-tree-")
+    try:
         tree = await containers.copy_tree(task, Path(tmp) / "repo")
         return await asyncio.to_thread(build_hacks, task, kinds, tree=str(tree))
+    finally:
+        await asyncio.to_thread(shutil.rmtree, tmp, True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

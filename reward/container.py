@@ -47,11 +47,12 @@ from sandbox.docker_sandbox import (
     container_run_kwargs,
     image_env,
     image_for,
+    image_task_path,
     owner_id,
     reap_containers,
 )
 from sandbox.image_tree import ImageTrees
-from sandbox.jail import JailSpec, interpreter_paths
+from sandbox.jail import JailSpec, interpreter_paths, prlimit_flags
 
 # The descriptor the in-container launcher opens the outcomes file on.
 OUTCOMES_FD_INSIDE = 3
@@ -184,10 +185,7 @@ class GradeContainer:
         """The test run's ``PATH``: an image task's image ``PATH`` (``task.env_bin`` first), else the host's."""
         if not task.runs_in_image:
             return host_path
-        parts = [p for p in self.image_path.split(":") if p] or ["/usr/local/bin", "/usr/bin", "/bin"]
-        if task.env_bin:
-            parts = [task.env_bin] + [p for p in parts if p != task.env_bin]
-        return ":".join(parts)
+        return image_task_path(self.image_path or "/usr/local/bin:/usr/bin:/bin", task.env_bin)
 
     async def run(self, command: str, *, env: dict[str, str], timeout_s: float, spec: JailSpec,
                   outcomes_file: str | None) -> CommandResult:
@@ -199,10 +197,7 @@ class GradeContainer:
         """
         uid = spec.uid if spec.uid is not None else FALLBACK_UID
         gid = spec.gid if spec.gid is not None else uid
-        limits = [f"{flag}={value}" for flag, value in (
-            ("--nproc", spec.max_processes), ("--as", spec.max_address_space_bytes),
-            ("--fsize", spec.max_file_bytes), ("--nofile", spec.max_open_files)) if value is not None]
-        inner = ["prlimit", *limits, "--core=0", "--",
+        inner = ["prlimit", *prlimit_flags(spec), "--core=0", "--",
                  "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--inh-caps=-all", "--no-new-privs",
                  "--", "timeout", "-s", "KILL", f"{max(1, int(timeout_s))}s", "bash", "-c", command]
         env = dict(env)

@@ -45,6 +45,7 @@ from sandbox.docker_sandbox import (
     DockerSandboxFactory,
     _remove,
     image_for,
+    image_task_path,
     parse_oom_kills,
 )
 from sandbox.jail import JailSpec, give_to_jail, interpreter_paths, lease_uid, running_as_root
@@ -153,12 +154,9 @@ def _container_env(task: SWETask, box: LocalSandbox, image_env: dict[str, str]) 
     """
     env = dict(box.command_env)
     host_dir = os.path.dirname(sys.executable)
-    parts = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != host_dir]
-    if image_env.get("PATH"):
-        parts = image_env["PATH"].split(os.pathsep)
-    if task.env_bin:
-        parts = [str(task.env_bin)] + [p for p in parts if p != str(task.env_bin)]
-    env["PATH"] = os.pathsep.join(parts)
+    path = image_env.get("PATH") or os.pathsep.join(
+        p for p in env.get("PATH", "").split(os.pathsep) if p and p != host_dir)
+    env["PATH"] = image_task_path(path, task.env_bin)
     env["TMPDIR"] = "/tmp"
     return env
 

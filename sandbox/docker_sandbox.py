@@ -109,6 +109,14 @@ def image_env(client: Any, image: str) -> dict[str, str]:
     return {key: value for key, _, value in pairs if key}
 
 
+def image_task_path(image_path: str, env_bin: str | None) -> str:
+    """An image task's ``PATH``: the image's own, with ``env_bin`` (a directory inside the image) first."""
+    parts = [p for p in image_path.split(os.pathsep) if p]
+    if env_bin:
+        parts = [env_bin] + [p for p in parts if p != env_bin]
+    return os.pathsep.join(parts)
+
+
 def container_run_kwargs(
     task: SWETask, rollout_id: str, settings: DockerSettings, *, owner: str, cgroup_parent: str | None = None
 ) -> dict[str, Any]:

@@ -174,6 +174,13 @@ def interpreter_paths(python: str | os.PathLike[str]) -> list[str]:
     return list(dict.fromkeys(p for p in paths if p not in ("/", "/usr")))
 
 
+def prlimit_flags(spec: JailSpec) -> list[str]:
+    """``prlimit`` options for ``spec``'s limits (processes, address space, file size, open files)."""
+    return [f"{flag}={value}" for flag, value in (
+        ("--nproc", spec.max_processes), ("--as", spec.max_address_space_bytes),
+        ("--fsize", spec.max_file_bytes), ("--nofile", spec.max_open_files)) if value is not None]
+
+
 def _privileges(spec: JailSpec) -> list[str]:
     argv: list[str] = []
     if running_as_root() and shutil.which("setpriv"):
@@ -182,9 +189,7 @@ def _privileges(spec: JailSpec) -> list[str]:
         ids = [f"--reuid={spec.uid}", f"--regid={spec.gid}", "--clear-groups"] if spec.uid is not None else []
         argv += ["setpriv", *ids, "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all",
                  "--no-new-privs", "--"]
-    limits = [f"{flag}={value}" for flag, value in (
-        ("--nproc", spec.max_processes), ("--as", spec.max_address_space_bytes),
-        ("--fsize", spec.max_file_bytes), ("--nofile", spec.max_open_files)) if value is not None]
+    limits = prlimit_flags(spec)
     if shutil.which("prlimit"):
         argv += ["prlimit", *limits, "--core=0", "--"]
     return argv
