@@ -69,9 +69,9 @@ class AgentSettings:
 
     # "mini_swe_agent" (default, PyPI) or "swe_agent" (SWE-agent 1.x `sweagent run`, installed from source).
     backend: str = "mini_swe_agent"
-    # SWE-agent deployment: "docker" (one container per rollout) or "local" (writes outside the repo:
-    # not safe for concurrent rollouts).
-    sweagent_deployment: str = "docker"
+    # SWE-agent deployment: "local" (sweagent run in a bubblewrap jail of its own, its shell in a
+    # second one inside it); "docker" (SWE-ReX's container per rollout) is refused until it is built.
+    sweagent_deployment: str = "local"
     # mini-swe-agent model class: "tool_call" (bash tool, function calling) or "text" (litellm_textbased).
     mode: str = "tool_call"
     # Maximum number of LLM calls before the agent stops with step_limit.
@@ -207,6 +207,9 @@ class SWEAgentConfig:
             raise ValueError(f"swe_agent.agent.mode={self.agent.mode!r}: expected 'tool_call' or 'text'")
         if self.sandbox.backend not in ("local", "docker"):
             raise ValueError(f"swe_agent.sandbox.backend={self.sandbox.backend!r}: expected 'local' or 'docker'")
+        if self.agent.backend == "swe_agent" and self.agent.sweagent_deployment == "docker":
+            raise ValueError("swe_agent.agent.sweagent_deployment=docker is not built yet (SWE-ReX's container "
+                             "needs swerex-remote in the image and the work tree mounted at /testbed); use local")
         if self.sandbox.backend == "docker" and self.agent.backend != "mini_swe_agent":
             raise ValueError("swe_agent.sandbox.backend=docker runs mini-swe-agent's commands in the container; "
                              "SWE-agent brings its own deployment (swe_agent.agent.sweagent_deployment)")

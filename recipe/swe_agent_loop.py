@@ -402,7 +402,7 @@ class SWEAgentLoop(AgentLoopBase):
         request = AgentRequest(task_text=task.problem_statement, api_base=api_base, api_key=api_key,
                                model_name=self.swe_config.proxy.model_name)
         if settings.backend == "swe_agent":
-            adapter = swe_agent_for(sandbox, request, settings, image=task.image_name)
+            adapter = swe_agent_for(sandbox, request, settings)
         else:
             adapter = MiniSweAgent(request, trajectory_path=self._trajectory_path(task, rollout_id))
         return await run_agent(adapter, sandbox, settings, wrap_argv=wrap_argv)
@@ -425,10 +425,13 @@ class SWEAgentLoop(AgentLoopBase):
             Policy.GROUP_CHECK: lambda t: [reference_commands(t), [], stall][session % 3],
             Policy.SCRIPT: lambda _: script_commands(self.swe_config.script or ""),
         }
+        # SWE-agent calls tools (function calling only) and submits with its own `submit` tool.
+        sweagent = self.swe_config.agent.backend == "swe_agent"
         for scripted_policy, commands in scripts.items():
             if policy == scripted_policy:
-                return ScriptedPolicyBackend(self.tokenizer, commands(task), mode=self.swe_config.agent.mode,
-                                             latency=latency)
+                return ScriptedPolicyBackend(self.tokenizer, commands(task),
+                                             mode="tool_call" if sweagent else self.swe_config.agent.mode,
+                                             latency=latency, submit_tool="submit" if sweagent else None)
         if self.backend is not None:
             return self.backend
         if self.server_manager is None:

@@ -181,6 +181,10 @@ def prlimit_flags(spec: JailSpec) -> list[str]:
         ("--fsize", spec.max_file_bytes), ("--nofile", spec.max_open_files)) if value is not None]
 
 
+def _limits(spec: JailSpec) -> list[str]:
+    return ["prlimit", *prlimit_flags(spec), "--core=0", "--"] if shutil.which("prlimit") else []
+
+
 def _privileges(spec: JailSpec) -> list[str]:
     argv: list[str] = []
     if running_as_root() and shutil.which("setpriv"):
@@ -189,10 +193,7 @@ def _privileges(spec: JailSpec) -> list[str]:
         ids = [f"--reuid={spec.uid}", f"--regid={spec.gid}", "--clear-groups"] if spec.uid is not None else []
         argv += ["setpriv", *ids, "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all",
                  "--no-new-privs", "--"]
-    limits = prlimit_flags(spec)
-    if shutil.which("prlimit"):
-        argv += ["prlimit", *limits, "--core=0", "--"]
-    return argv
+    return argv + _limits(spec)
 
 
 def jail_argv(
@@ -202,6 +203,9 @@ def jail_argv(
     writable: list[str | os.PathLike[str]] = (),  # type: ignore[assignment]
     readable: list[str | os.PathLike[str]] = (),  # type: ignore[assignment]
     chdir: str | os.PathLike[str] | None = None,
+    mounts: dict[str, str | os.PathLike[str]] | None = None,
+    new_session: bool = True,
+    drop_privileges: bool = True,
 ) -> list[str]:
     """``argv`` wrapped in the jail (see the module docstring).
 
@@ -209,14 +213,22 @@ def jail_argv(
         writable: directories bound read-write at their own paths (owned by the jail's
             uid: ``give_to_jail``).
         readable: files or directories bound read-only (interpreters: ``interpreter_paths``).
-        chdir: the working directory inside.
+        chdir: the working directory inside (a path as the jail sees it).
+        mounts: jail path -> host directory, bound read-write at another path (before the
+            binds above, so those may sit inside one of them).
+        new_session: detach the command from the caller's terminal (``setsid``: no
+            ``TIOCSTI`` into it); False for an interactive shell driven through a
+            terminal the caller owns, whose interrupts must reach the command.
+        drop_privileges: switch to the spec's uid without capabilities (as root); False keeps
+            the caller's uid and capabilities, for a trusted harness that makes jails itself.
 
     Raises:
         JailUnavailable: ``spec.require_fs_isolation`` and bubblewrap does not work here.
     """
-    inner = [*_privileges(spec), *argv]
+    inner = [*_privileges(spec), *argv] if drop_privileges else [*_limits(spec), *argv]
     if bwrap_available():
-        jail = [shutil.which("bwrap") or "bwrap", "--die-with-parent", "--new-session", *_namespaces()]
+        jail = [shutil.which("bwrap") or "bwrap", "--die-with-parent", *(["--new-session"] if new_session else []),
+                *_namespaces()]
         if not spec.network:
             jail.append("--unshare-net")
         for path in SYSTEM_DIRS:
@@ -225,6 +237,8 @@ def jail_argv(
         tmp_size = ["--size", str(spec.tmp_bytes)] if spec.tmp_bytes else []
         jail += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", *tmp_size, "--tmpfs", "/tmp",
                  "--size", str(16 << 20), "--tmpfs", "/run"]
+        for target, source in (mounts or {}).items():
+            jail += ["--bind", os.path.realpath(source), target]
         # Directories bubblewrap makes for the binds below must be traversable by the jail's uid.
         made: set[str] = set()
         for path in [*readable, *writable]:
@@ -244,7 +258,7 @@ def jail_argv(
             real = os.path.realpath(path)
             jail += ["--bind", real, real]
         if chdir is not None:
-            jail += ["--chdir", os.path.realpath(chdir)]
+            jail += ["--chdir", str(chdir) if mounts and str(chdir) in mounts else os.path.realpath(chdir)]
         return [*jail, "--", *inner]
     if spec.require_fs_isolation:
         raise JailUnavailable("bubblewrap is missing or cannot create namespaces here (apt-get install bubblewrap)")

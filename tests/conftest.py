@@ -50,3 +50,26 @@ def simple_image_tasks_dir(simple_tasks_dir, tmp_path_factory) -> Path:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def smith_tasks_dir(tmp_path_factory) -> Path:
+    """``prepare_data.py --mode smith`` over the fixture package tests/prepare/fixtures/smith_pkg
+    (tinycalc): up to 2 mined, validated tasks."""
+    import json
+
+    tmp = tmp_path_factory.mktemp("smith_tasks")
+    packages = tmp / "packages.yaml"
+    packages.write_text(json.dumps({"packages": [{
+        "name": "tinycalc", "version": "0.1.0", "test_paths": ["tests"],
+        "local_path": str(ROOT / "tests" / "prepare" / "fixtures" / "smith_pkg"),
+        "isolated_env": False, "install_deps": False}]}))
+    out = tmp / "out"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "prepare" / "prepare_data.py"), "--mode", "smith", "--packages-file",
+         str(packages), "--out", str(out), "--seed", "0", "--max-tasks-per-package", "2",
+         "--max-candidates-per-package", "8", "--task-timeout", "20", "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out

@@ -2,9 +2,11 @@
 
 A harness check, never a model result (like SWE-bench's gold-patch validation):
 turn k of a trajectory emits command k in the exact format the agent parses, and
-once the commands are used up it emits mini-swe-agent's submit command
-``echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT``. With ``commands=[]`` it submits at
-once (the "submits nothing" policy).
+once the commands are used up it emits the agent's submit action: mini-swe-agent's
+command ``echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT``, or SWE-agent's ``submit`` tool
+(``submit_tool="submit"``; its ``review_on_submit_m`` bundle asks once more before it
+takes the submission, so the script submits on every turn after its commands). With
+``commands=[]`` it submits at once (the "submits nothing" policy).
 
 Scripts:
 
@@ -191,9 +193,11 @@ class ScriptedPolicyBackend:
         commands: bash commands, one per turn.
         mode: ``"tool_call"`` or ``"text"`` (module docstring).
         latency: emulated inference time per turn (``GenerationLatency``); None = answer at once.
+        submit_tool: the name of a tool the agent submits with, called without arguments
+            (SWE-agent: ``submit``); None = mini-swe-agent's submit command through ``bash``.
 
     Raises:
-        ValueError: unknown ``mode``, or a tokenizer without eos.
+        ValueError: unknown ``mode``, a tokenizer without eos, or a submit tool in text mode.
     """
 
     def __init__(
@@ -202,15 +206,19 @@ class ScriptedPolicyBackend:
         commands: list[str],
         mode: ScriptMode = "tool_call",
         latency: GenerationLatency | None = None,
+        submit_tool: str | None = None,
     ) -> None:
         if mode not in ("tool_call", "text"):
             raise ValueError(f"mode must be 'tool_call' or 'text', got {mode!r}")
+        if submit_tool is not None and mode != "tool_call":
+            raise ValueError("a submit tool is called through function calling: mode must be 'tool_call'")
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs an eos token (the end-of-turn token)")
         self.tokenizer = tokenizer
         self.commands = list(commands)
         self.mode = mode
         self.latency = latency or GenerationLatency()
+        self.submit_tool = submit_tool
         self._turns: dict[str, int] = defaultdict(int)
 
     def command_for_turn(self, turn: int) -> str:
@@ -220,6 +228,8 @@ class ScriptedPolicyBackend:
     def turn_text(self, turn: int) -> str:
         """The assistant text of turn ``turn`` (without the end-of-turn token)."""
         command = self.command_for_turn(turn)
+        if self.submit_tool is not None and turn >= len(self.commands):
+            return hermes_tool_call_text(self.submit_tool, {})
         if self.mode == "tool_call":
             return hermes_tool_call_text("bash", {"command": command})
         if turn < len(self.commands):

@@ -108,6 +108,16 @@ async def test_scripted_empty_script_submits_and_max_tokens_truncates(tokenizer)
         ScriptedPolicyBackend(tokenizer, [], mode="json")
 
 
+def test_scripted_submit_tool_is_called_after_the_commands_forever(tokenizer):
+    """SWE-agent submits with its `submit` tool, and its review step asks for a second submit."""
+    backend = ScriptedPolicyBackend(tokenizer, ["ls"], submit_tool="submit")
+    assert '"name": "bash"' in backend.turn_text(0) and "ls" in backend.turn_text(0)
+    for turn in (1, 2, 5):
+        assert backend.turn_text(turn) == '<tool_call>\n{"name": "submit", "arguments": {}}\n</tool_call>'
+    with pytest.raises(ValueError, match="tool_call"):
+        ScriptedPolicyBackend(tokenizer, [], mode="text", submit_tool="submit")
+
+
 # -- verl server manager ----------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""The SWE-agent backend: command construction here; a real run only where `sweagent` is installed."""
+"""The SWE-agent backend's config, command line and exit statuses (real runs: test_swe_agent_real.py)."""
 
 from __future__ import annotations
 
@@ -9,61 +9,60 @@ import yaml
 
 from recipe.config import load_swe_agent_config
 from recipe.outcome import ExitStatus
-from recipe.runners.swe_agent import SWEAgentInvocation, from_swe_agent, training_config
+from recipe.runners.swe_agent import SWEAgentRun, from_swe_agent
 
 
-def invocation(tmp_path: Path, **kw) -> SWEAgentInvocation:
+def make_run(tmp_path: Path, **kw) -> SWEAgentRun:
     args = dict(
-        problem_path=tmp_path / "problem.md", problem_id="r1", repo_path=tmp_path / "repo",
-        output_dir=tmp_path / "out", config_path=tmp_path / "cfg.yaml", api_base="http://127.0.0.1:9/sessions/s/v1",
-        api_key="k", model_name="swe-policy", step_limit=12,
+        problem_path=tmp_path / "problem.md", problem_id="r1", output_dir=tmp_path / "out",
+        config_path=tmp_path / "cfg.yaml", default_config=tmp_path / "default.yaml",
+        api_base="http://127.0.0.1:9/sessions/s/v1", api_key="k", model_name="swe-policy", step_limit=12,
     )
     args.update(kw)
-    return SWEAgentInvocation(**args)
+    return SWEAgentRun(**args)
 
 
-def test_command_points_sweagent_at_the_session_with_limits_off(tmp_path):
-    argv = invocation(tmp_path, default_config=tmp_path / "default.yaml").argv()
-    assert argv[:2] == ["sweagent", "run"]
-    # Our overrides come after SWE-agent's own defaults, so they win.
-    assert argv.index(f"--config={tmp_path / 'default.yaml'}") < argv.index(f"--config={tmp_path / 'cfg.yaml'}")
-    assert "--agent.model.name=openai/swe-policy" in argv
-    assert "--agent.model.api_base=http://127.0.0.1:9/sessions/s/v1" in argv
+def test_config_points_sweagent_at_the_session_with_training_settings(tmp_path):
+    cfg = yaml.safe_load(yaml.safe_dump(make_run(tmp_path, command_timeout_s=7, total_command_s=99).config()))
+    model = cfg["agent"]["model"]
+    assert model["name"] == "openai/swe-policy" and model["api_base"] == "http://127.0.0.1:9/sessions/s/v1"
     for key in ("per_instance_cost_limit", "total_cost_limit", "max_input_tokens"):
-        assert f"--agent.model.{key}=0" in argv  # unknown models are refused otherwise
-    assert "--agent.model.per_instance_call_limit=12" in argv
-    assert f"--env.repo.path={tmp_path / 'repo'}" in argv
-    assert f"--problem_statement.path={tmp_path / 'problem.md'}" in argv
-    assert f"--output_dir={tmp_path / 'out'}" in argv
-    assert "--env.deployment.type=docker" in argv
-
-
-def test_docker_image_only_for_docker_deployments(tmp_path):
-    assert "--env.deployment.image=img:1" in invocation(tmp_path, image="img:1").argv()
-    local = invocation(tmp_path, image="img:1", deployment="local").argv()
-    assert "--env.deployment.type=local" in local
-    assert not any(a.startswith("--env.deployment.image") for a in local)
-
-
-def test_training_config_disables_history_processors_and_uses_function_calling():
-    cfg = yaml.safe_load(yaml.safe_dump(training_config()))
+        assert model[key] == 0  # unknown models are refused otherwise
+    assert model["per_instance_call_limit"] == 12
     assert cfg["agent"]["history_processors"] == []
     assert cfg["agent"]["tools"]["parse_function"]["type"] == "function_calling"
+    assert cfg["agent"]["tools"]["execution_timeout"] == 7 and cfg["agent"]["tools"]["total_execution_timeout"] == 99
+    # SWE-agent works on the prepared tree in place: no copy, no reset of it.
+    assert cfg["env"]["repo"] == {"type": "preexisting", "repo_name": "testbed", "reset": False}
+    assert cfg["problem_statement"] == {"type": "text_file", "path": str(tmp_path / "problem.md"), "id": "r1"}
+
+
+def test_command_line_loads_sweagent_defaults_then_ours_and_holds_no_key(tmp_path):
+    argv = make_run(tmp_path).argv()
+    assert argv[argv.index("run") - 1:] == ["sweagent", "run", f"--config={tmp_path / 'default.yaml'}",
+                                            f"--config={tmp_path / 'cfg.yaml'}"]
+    owned = make_run(tmp_path).argv(file_owner=(200001, 200001))
+    assert owned[owned.index("-c") + 2:owned.index("-c") + 4] == ["200001", "200001"]
+    assert not any("k" == a.split("=")[-1] for a in argv + owned)
 
 
 def test_trajectory_path_follows_problem_id(tmp_path):
-    assert invocation(tmp_path).trajectory_path() == tmp_path / "out" / "r1" / "r1.traj"
+    assert make_run(tmp_path).trajectory_path() == tmp_path / "out" / "r1" / "r1.traj"
 
 
 @pytest.mark.parametrize(
     ("raw", "ours"),
     [
         ("submitted", ExitStatus.SUBMITTED),
-        ("submitted (exit_cost)", ExitStatus.SUBMITTED),
+        ("submitted (exit_cost)", ExitStatus.STEP_LIMIT),  # autosubmitted at the call limit
         ("exit_context", ExitStatus.CONTEXT_LIMIT),
+        ("submitted (exit_context)", ExitStatus.CONTEXT_LIMIT),
         ("exit_cost", ExitStatus.STEP_LIMIT),
         ("exit_total_execution_time", ExitStatus.ROLLOUT_TIMEOUT),
+        ("exit_api", ExitStatus.PROXY_ERROR),
+        ("exit_environment_error", ExitStatus.SANDBOX_ERROR),
         ("exit_format", ExitStatus.AGENT_ERROR),
+        ("exit_forfeit", ExitStatus.AGENT_ERROR),
         ("", ExitStatus.AGENT_ERROR),
     ],
 )
@@ -75,3 +74,8 @@ def test_backend_is_selected_in_config():
     assert load_swe_agent_config({"agent": {"backend": "swe_agent"}}).agent.backend == "swe_agent"
     with pytest.raises(ValueError, match="backend"):
         load_swe_agent_config({"agent": {"backend": "openhands"}})
+
+
+def test_docker_deployment_is_refused_until_it_is_built():
+    with pytest.raises(ValueError, match="sweagent_deployment=docker"):
+        load_swe_agent_config({"agent": {"backend": "swe_agent", "sweagent_deployment": "docker"}})
