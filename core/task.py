@@ -16,6 +16,8 @@ Storage formats:
 from __future__ import annotations
 
 import json
+import os
+import sys
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -84,6 +86,11 @@ class SWETask(BaseModel):
         """True when the task's environment is an image (``image_name`` set, or no ``repo_path``:
         SWE-bench's image named from the instance id), not the host's ``env_bin``."""
         return bool(self.image_name) or not self.repo_path
+
+    @property
+    def host_python(self) -> str:
+        """The host interpreter the task's ``python`` is: ``env_bin/python``, else this process's."""
+        return os.path.join(self.env_bin, "python") if self.env_bin else sys.executable
 
     def to_extra_info(self) -> dict[str, str]:
         """All fields as strings (lists JSON-encoded) for a parquet ``extra_info`` column."""

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import os
 import shlex
-import sys
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from core.task import SWETask
 from reward.config import RewardConfig
@@ -88,7 +86,7 @@ def grading_policy(config: RewardConfig) -> NetworkPolicy:
 
 def task_interpreter(task: SWETask) -> str:
     """The interpreter the task's ``python`` resolves to (``task.env_bin``, else this one)."""
-    return str(Path(task.env_bin) / "python") if task.env_bin else sys.executable
+    return task.host_python
 
 
 def grading_readable(task: SWETask) -> list[str]:

@@ -270,7 +270,7 @@ class LocalSandbox:
             else:
                 await checkout_copy(task.repo_path, task.base_commit, box.workdir)
             await run_command(["cp", "-a", str(box.workdir / ".git"), str(box.git_dir)], timeout_s=120.0)
-            interpreter = str(Path(task.env_bin) / "python") if task.env_bin else sys.executable
+            interpreter = task.host_python
             box.command_env = clean_env(path_first=os.path.dirname(interpreter), home=str(box.home), extra={
                 ROLLOUT_MARKER_ENV: rollout_id,
                 "TMPDIR": "/tmp" if jailed else str(box.home),

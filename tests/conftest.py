@@ -55,7 +55,7 @@ def simple_image_tasks_dir(simple_tasks_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smith_tasks_dir(tmp_path_factory) -> Path:
     """``prepare_data.py --mode smith`` over the fixture package tests/prepare/fixtures/smith_pkg
-    (tinycalc): up to 2 mined, validated tasks."""
+    (tinycalc): up to 3 mined, validated tasks."""
     import json
 
     tmp = tmp_path_factory.mktemp("smith_tasks")
@@ -67,7 +67,7 @@ def smith_tasks_dir(tmp_path_factory) -> Path:
     out = tmp / "out"
     done = subprocess.run(
         [sys.executable, str(ROOT / "prepare" / "prepare_data.py"), "--mode", "smith", "--packages-file",
-         str(packages), "--out", str(out), "--seed", "0", "--max-tasks-per-package", "2",
+         str(packages), "--out", str(out), "--seed", "0", "--max-tasks-per-package", "3",
          "--max-candidates-per-package", "8", "--task-timeout", "20", "--no-progress"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )

@@ -258,7 +258,7 @@ runpy.run_module("sweagent", run_name="__main__", alter_sys=True)
 """
 
 
-def session_shell(sandbox: LocalSandbox, spec: JailSpec, task_python: str) -> str:
+def session_shell(sandbox: LocalSandbox, spec: JailSpec) -> str:
     """The ``bash`` SWE-agent's local runtime starts (a ``/bin/sh`` script): ``/bin/bash`` in a
     jail inside the run's jail (no network, its own PID namespace, ``/testbed`` and ``/root``
     writable, the task's interpreter readable) with the sandbox's command environment.
@@ -269,7 +269,7 @@ def session_shell(sandbox: LocalSandbox, spec: JailSpec, task_python: str) -> st
     env = {**sandbox.env(), "HOME": AGENT_HOME, "TMPDIR": "/tmp", ROLLOUT_MARKER_ENV: sandbox.rollout_id}
     inner = jail_argv(
         dataclasses.replace(spec, network=False, require_fs_isolation=True),
-        ["/bin/bash"], writable=[TESTBED, AGENT_HOME], readable=interpreter_paths(task_python),
+        ["/bin/bash"], writable=[TESTBED, AGENT_HOME], readable=interpreter_paths(sandbox.task.host_python),
         chdir=TESTBED, new_session=False,
     )
     assignments = [f"{k}={v}" for k, v in env.items()]
@@ -317,14 +317,13 @@ class SWEAgent(AgentAdapter):
         if not sandbox.isolated or not bwrap_available():
             raise JailUnavailable("SWE-agent's local deployment runs only in a bubblewrap jail "
                                   "(swe_agent.sandbox.isolation=bwrap, apt-get install bubblewrap)")
-        task_python = str(Path(sandbox.task.env_bin) / "python") if sandbox.task.env_bin else sys.executable
         state = self._state_dir(sandbox)
         owner = (sandbox.jail.uid, sandbox.jail.gid) if running_as_root() and sandbox.jail.uid is not None else None
         return jail_argv(
             dataclasses.replace(sandbox.jail, network=True, require_fs_isolation=True),
             self.run.argv(file_owner=owner),
             writable=[state],
-            readable=[*interpreter_paths(sys.executable), *self.install.readable(), *interpreter_paths(task_python)],
+            readable=[*interpreter_paths(sys.executable), *self.install.readable(), *interpreter_paths(sandbox.task.host_python)],
             mounts={AGENT_HOME: sandbox.home, TESTBED: sandbox.workdir},
             chdir=state,
             # The harness stays root (no capability dropped) to make its shell's jail; the policy's
@@ -338,9 +337,8 @@ class SWEAgent(AgentAdapter):
         self.run.problem_path.write_text(self.task_text)
         self.run.config_path.write_text(yaml.safe_dump(self.run.config(), sort_keys=False))
         if local:
-            task_python = str(Path(sandbox.task.env_bin) / "python") if sandbox.task.env_bin else sys.executable
             shell = state / "bin" / "bash"
-            shell.write_text(session_shell(sandbox, sandbox.jail, task_python))
+            shell.write_text(session_shell(sandbox, sandbox.jail))
             shell.chmod(0o755)
             # The run writes its output with the sandbox uid's file-system ids; its shell never sees this directory.
             give_to_jail(sandbox.jail, state)

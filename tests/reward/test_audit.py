@@ -19,26 +19,13 @@ from reward.grading import grade_patch
 from reward.hacks import HACKS
 
 ROOT = Path(__file__).resolve().parents[2]
-FIXTURE = ROOT / "tests" / "prepare" / "fixtures" / "smith_pkg"
 
 
 @pytest.fixture(scope="module")
-def smith_dir(tmp_path_factory) -> Path:
-    """Three validated smith tasks mined from tests/prepare/fixtures/smith_pkg (about 5 s)."""
-    tmp = tmp_path_factory.mktemp("smith_audit")
-    packages = tmp / "packages.yaml"
-    packages.write_text(json.dumps({"packages": [{
-        "name": "tinycalc", "version": "0.1.0", "test_paths": ["tests"], "local_path": str(FIXTURE),
-        "isolated_env": False, "install_deps": False}]}))
-    out = tmp / "out"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "prepare" / "prepare_data.py"), "--mode", "smith", "--packages-file",
-         str(packages), "--out", str(out), "--seed", "0", "--max-tasks-per-package", "3",
-         "--max-candidates-per-package", "8", "--task-timeout", "20", "--no-progress"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(load_tasks(str(out / "tasks.jsonl"))) >= 2
-    return out
+def smith_dir(smith_tasks_dir) -> Path:
+    """The validated smith tasks mined from tests/prepare/fixtures/smith_pkg (tests/conftest.py)."""
+    assert len(load_tasks(str(smith_tasks_dir / "tasks.jsonl"))) >= 2
+    return smith_tasks_dir
 
 
 def test_audit_cli_on_smith_tasks(smith_dir, tmp_path):
