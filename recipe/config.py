@@ -210,6 +210,9 @@ class SWEAgentConfig:
         if self.agent.backend == "swe_agent" and self.agent.sweagent_deployment == "docker":
             raise ValueError("swe_agent.agent.sweagent_deployment=docker is not built yet (SWE-ReX's container "
                              "needs swerex-remote in the image and the work tree mounted at /testbed); use local")
+        if self.agent.backend == "swe_agent" and self.sandbox.isolation == "none":
+            raise ValueError("swe_agent.sandbox.isolation=none: SWE-agent's local deployment runs only in its "
+                             "bubblewrap jails (isolation auto or bwrap)")
         if self.sandbox.backend == "docker" and self.agent.backend != "mini_swe_agent":
             raise ValueError("swe_agent.sandbox.backend=docker runs mini-swe-agent's commands in the container; "
                              "SWE-agent brings its own deployment (swe_agent.agent.sweagent_deployment)")
