@@ -70,7 +70,8 @@ class AgentSettings:
     # "mini_swe_agent" (default, PyPI) or "swe_agent" (SWE-agent 1.x `sweagent run`, installed from source).
     backend: str = "mini_swe_agent"
     # SWE-agent deployment: "local" (sweagent run in a bubblewrap jail of its own, its shell in a
-    # second one inside it); "docker" (SWE-ReX's container per rollout) is refused until it is built.
+    # second one inside it) or "docker" (SWE-ReX's container per rollout from the task's image with
+    # SWE-ReX built in, on an internal network, the work tree mounted; limits from sandbox.docker).
     sweagent_deployment: str = "local"
     # mini-swe-agent model class: "tool_call" (bash tool, function calling) or "text" (litellm_textbased).
     mode: str = "tool_call"
@@ -207,10 +208,8 @@ class SWEAgentConfig:
             raise ValueError(f"swe_agent.agent.mode={self.agent.mode!r}: expected 'tool_call' or 'text'")
         if self.sandbox.backend not in ("local", "docker"):
             raise ValueError(f"swe_agent.sandbox.backend={self.sandbox.backend!r}: expected 'local' or 'docker'")
-        if self.agent.backend == "swe_agent" and self.agent.sweagent_deployment == "docker":
-            raise ValueError("swe_agent.agent.sweagent_deployment=docker is not built yet (SWE-ReX's container "
-                             "needs swerex-remote in the image and the work tree mounted at /testbed); use local")
-        if self.agent.backend == "swe_agent" and self.sandbox.isolation == "none":
+        if (self.agent.backend == "swe_agent" and self.agent.sweagent_deployment == "local"
+                and self.sandbox.isolation == "none"):
             raise ValueError("swe_agent.sandbox.isolation=none: SWE-agent's local deployment runs only in its "
                              "bubblewrap jails (isolation auto or bwrap)")
         if self.sandbox.backend == "docker" and self.agent.backend != "mini_swe_agent":

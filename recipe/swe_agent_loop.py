@@ -45,10 +45,10 @@ from recipe.config import Policy, SWEAgentConfig, load_swe_agent_config
 from recipe.outcome import ExitStatus
 from recipe.runners.base import AgentRequest, AgentRun, run_agent
 from recipe.runners.mini_swe_agent import MiniSweAgent
-from recipe.runners.swe_agent import swe_agent_for
+from recipe.runners.swe_agent import docker_deployment, swe_agent_for
 from recipe.trajectory import TrajectoryRecord, append_record
 from recipe.worker_resources import WorkerResources
-from sandbox.docker_rollout import DockerRolloutSandbox
+from sandbox.docker_rollout import DockerRolloutSandbox, image_tree_copier
 from sandbox.local import LocalSandbox, PatchTooLarge, SandboxError
 
 logger = logging.getLogger(__name__)
@@ -308,6 +308,12 @@ class SWEAgentLoop(AgentLoopBase):
                     task, factory=await resources.docker(), parent_dir=settings.parent_dir,
                     rollout_id=info.rollout_id, jail=settings.jail_spec(),
                 )
+            elif self._sweagent_in_docker:
+                # SWE-ReX's container gets the host tree mounted; its commands run there, as its root.
+                sandbox = await LocalSandbox.create(
+                    task, parent_dir=settings.parent_dir, rollout_id=info.rollout_id, isolation="none",
+                    jail=settings.jail_spec(), copy_tree=image_tree_copier(task, await resources.docker()),
+                )
             else:
                 sandbox = await LocalSandbox.create(
                     task, parent_dir=settings.parent_dir, rollout_id=info.rollout_id,
@@ -383,6 +389,11 @@ class SWEAgentLoop(AgentLoopBase):
 
     # -- helpers ---------------------------------------------------------------------------------
 
+    @property
+    def _sweagent_in_docker(self) -> bool:
+        agent = self.swe_config.agent
+        return agent.backend == "swe_agent" and agent.sweagent_deployment == "docker"
+
     def _worker_resources(self) -> WorkerResources:
         """The resources given at construction, else the running event loop's worker's."""
         if self._resources is None:
@@ -401,6 +412,10 @@ class SWEAgentLoop(AgentLoopBase):
         settings = self.swe_config.agent
         request = AgentRequest(task_text=task.problem_statement, api_base=api_base, api_key=api_key,
                                model_name=self.swe_config.proxy.model_name)
+        if self._sweagent_in_docker:
+            async with docker_deployment(sandbox, await self._worker_resources().docker()) as deployment:
+                adapter = swe_agent_for(sandbox, request, settings, deployment)
+                return await run_agent(adapter, sandbox, settings, wrap_argv=wrap_argv)
         if settings.backend == "swe_agent":
             adapter = swe_agent_for(sandbox, request, settings)
         else:

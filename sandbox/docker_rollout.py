@@ -32,6 +32,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,15 +89,8 @@ class DockerRolloutSandbox(LocalSandbox):
             SandboxError: the copy or the container could not be made; nothing is left.
         """
         image_task = task.runs_in_image
-        copy_tree = None
-        if not task.repo_path:
-            image, workdir = image_for(task, factory.settings), factory.settings.workdir
-
-            async def copy_tree(dest: Path) -> None:
-                await factory.trees.copy_to(image, workdir, task.base_commit, dest)
-
         box = await cls.create(task, parent_dir=parent_dir, rollout_id=rollout_id, isolation="none", jail=jail,
-                               copy_tree=copy_tree)
+                               copy_tree=image_tree_copier(task, factory))
         async with box.torn_down_on_failure("cannot start the sandbox container"):
             if running_as_root() and box.jail.uid is not None:
                 box._uid_lease = await asyncio.to_thread(lease_uid, box.jail)
@@ -145,6 +139,19 @@ class DockerRolloutSandbox(LocalSandbox):
         super()._teardown_blocking()
 
 
+def image_tree_copier(task: SWETask, factory: DockerSandboxFactory) -> Callable[[Path], Awaitable[None]] | None:
+    """``LocalSandbox.create``'s ``copy_tree`` for a task without a repository (its tree is pulled
+    out of its image: ``factory.trees``); None for a task that brings its repository."""
+    if task.repo_path:
+        return None
+    image, workdir = image_for(task, factory.settings), factory.settings.workdir
+
+    async def copy_tree(dest: Path) -> None:
+        await factory.trees.copy_to(image, workdir, task.base_commit, dest)
+
+    return copy_tree
+
+
 def _container_env(task: SWETask, box: LocalSandbox, image_env: dict[str, str]) -> dict[str, str]:
     """The commands' environment inside the container: the local sandbox's allowlist, with the
     host interpreter's directory replaced by the task's (mounted) or none (the image's python).
@@ -161,4 +168,4 @@ def _container_env(task: SWETask, box: LocalSandbox, image_env: dict[str, str]) 
     return env
 
 
-__all__ = ["DockerRolloutSandbox", "LABEL_OWNER", "LABEL_ROLLOUT", "LABEL_SANDBOX"]
+__all__ = ["DockerRolloutSandbox", "LABEL_OWNER", "LABEL_ROLLOUT", "LABEL_SANDBOX", "image_tree_copier"]

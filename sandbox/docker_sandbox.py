@@ -35,6 +35,7 @@ import psutil
 from core.task import SWETask
 from core.process import CommandResult
 from sandbox.image_tree import ImageTrees
+from sandbox.swerex_image import SWEReXImages
 
 logger = logging.getLogger(__name__)
 
@@ -248,6 +249,8 @@ class DockerSandboxFactory:
         self._starts = asyncio.Semaphore(self.settings.start_concurrency)
         # Image tasks' work trees on the host (one extraction per image and commit).
         self.trees = ImageTrees(client, work_root)
+        # Images with SWE-ReX's server built in, for SWE-agent's Docker deployment (one per source image).
+        self.swerex_images = SWEReXImages(client)
 
     async def image_env(self, image: str) -> dict[str, str]:
         """The image's own environment (its ``ENV`` lines: ``PATH`` to its interpreter, ...).

@@ -249,7 +249,8 @@ class LocalSandbox:
         rollout_id = rollout_id or uuid.uuid4().hex
         if not task.repo_path and copy_tree is None:
             raise SandboxError(f"{task.instance_id}: task has no repo_path (an image task: use "
-                               "swe_agent.sandbox.backend=docker)")
+                               "swe_agent.sandbox.backend=docker, or swe_agent.agent.sweagent_deployment=docker "
+                               "with SWE-agent)")
         jailed = False
         if isolation != "none":
             jailed = await asyncio.to_thread(bwrap_available)

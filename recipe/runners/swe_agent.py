@@ -45,12 +45,16 @@ patch from it as for mini-swe-agent -- never from SWE-agent's own ``.patch`` fil
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
 import shlex
+import shutil
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,8 +72,19 @@ from sandbox.jail import (
     interpreter_paths,
     jail_argv,
     running_as_root,
+    SYSTEM_PATH,
+)
+from sandbox.docker_sandbox import (
+    LABEL_OWNER,
+    LABEL_ROLLOUT,
+    LABEL_SANDBOX,
+    DockerSandboxFactory,
+    image_for,
+    image_task_path,
 )
 from sandbox.local import ROLLOUT_MARKER_ENV, LocalSandbox
+from sandbox.relay import TcpRelay
+from sandbox.swerex_image import LAUNCHER_DIR, SOCKET_DIR, SOCKET_NAME
 
 # Where SWE-agent finds the repository and keeps its state, inside its deployment.
 TESTBED = "/testbed"
@@ -258,6 +273,11 @@ runpy.run_module("sweagent", run_name="__main__", alter_sys=True)
 """
 
 
+def _dies_with_parent() -> list[str]:
+    """``setpriv --pdeathsig KILL --`` (util-linux), when there is one."""
+    return ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+
+
 def session_shell(sandbox: LocalSandbox, spec: JailSpec) -> str:
     """The ``bash`` SWE-agent's local runtime starts (a ``/bin/sh`` script): ``/bin/bash`` in a
     jail inside the run's jail (no network, its own PID namespace, ``/testbed`` and ``/root``
@@ -313,7 +333,8 @@ class SWEAgent(AgentAdapter):
         local = self.run.deployment.get("type") == "local"
         await asyncio.to_thread(self._write_files, sandbox, local)
         if not local:
-            return self.run.argv()
+            # Dies with the rollout's process (its containers are then the reaper's: label, dead owner).
+            return [*_dies_with_parent(), *self.run.argv()]
         if not sandbox.isolated or not bwrap_available():
             raise JailUnavailable("SWE-agent's local deployment runs only in a bubblewrap jail "
                                   "(swe_agent.sandbox.isolation=bwrap, apt-get install bubblewrap)")
@@ -363,16 +384,74 @@ class SWEAgent(AgentAdapter):
                         error=None if raw.startswith("submitted") else (raw or None))
 
 
-def swe_agent_for(sandbox: LocalSandbox, request: AgentRequest, settings: AgentSettings) -> SWEAgent:
-    """The ``sweagent run`` adapter for one rollout (run it with ``recipe.runners.base.run_agent``),
-    in the deployment ``settings.sweagent_deployment`` names.
+@contextlib.asynccontextmanager
+async def docker_deployment(sandbox: LocalSandbox, factory: DockerSandboxFactory) -> AsyncIterator[dict[str, Any]]:
+    """SWE-ReX Docker deployment options for one rollout, with its relay listening (module docstring).
+
+    The container (SWE-ReX starts it, ``docker run``) comes from the task's image (the base image for a
+    task that brings its repository) with SWE-ReX built in (``factory.swerex_images``), without a
+    network (SWE-ReX reaches its server through the relay and a Unix socket in ``runner_dir/swerex``,
+    mounted at ``SOCKET_DIR``), the work tree at ``/testbed`` (and a repository task's interpreter
+    read-only at its host path, first on ``PATH``), our labels, ``DockerSettings`` limits, no
+    capabilities and no privilege gain. On exit the relay stops and every container labelled with the rollout is removed
+    (SWE-ReX's own ``docker kill`` does not run when its process is killed).
+
+    Raises:
+        SWEReXImageError: the derived image could not be built.
+        docker.errors.DockerException: the engine refused a call (e.g. no such image).
+    """
+    task, settings, rollout = sandbox.task, factory.settings, sandbox.rollout_id
+    source = image_for(task, settings)
+    image = await asyncio.to_thread(factory.swerex_images.image_for, source)
+    image_path = (await factory.image_env(source)).get("PATH", SYSTEM_PATH)
+    sockets = sandbox.runner_dir / "swerex"
+    await asyncio.to_thread(sockets.mkdir, mode=0o700)
+    args = ["--network=none", f"--volume={sandbox.workdir}:{TESTBED}", f"--volume={sockets}:{SOCKET_DIR}"]
+    if task.runs_in_image:
+        path = image_task_path(image_path, task.env_bin)
+    else:
+        path = image_task_path(image_path, os.path.dirname(task.host_python))
+        args += [f"--volume={p}:{p}:ro" for p in interpreter_paths(task.host_python)]
+    labels = {LABEL_SANDBOX: "1", LABEL_ROLLOUT: rollout, LABEL_OWNER: factory.owner}
+    args += [f"--label={k}={v}" for k, v in labels.items()]
+    args += [f"--memory={int(settings.memory_bytes)}", f"--memory-swap={int(settings.memory_bytes)}",
+             f"--cpus={settings.cpus}", f"--pids-limit={int(settings.pids_limit)}",
+             "--cap-drop=ALL", "--security-opt=no-new-privileges",
+             f"--env=PATH={LAUNCHER_DIR}{os.pathsep}{path}", "--env=PIP_NO_INDEX=1", "--env=PYTHONDONTWRITEBYTECODE=1",
+             f"--env={ROLLOUT_MARKER_ENV}={rollout}"]
+    # A socket path is limited to 107 bytes and sandbox paths can be longer: connect through a
+    # descriptor of the directory (/proc/self/fd/N/swerex.sock).
+    sockets_fd = os.open(sockets, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        relay = await TcpRelay.start(functools.partial(asyncio.open_unix_connection,
+                                                       f"/proc/self/fd/{sockets_fd}/{SOCKET_NAME}"))
+    except BaseException:
+        os.close(sockets_fd)
+        raise
+    try:
+        yield {"type": "docker", "image": image, "port": relay.port, "docker_args": args, "pull": "never",
+               "python_standalone_dir": None, "remove_container": True,
+               "startup_timeout": float(settings.start_timeout_s)}
+    finally:
+        await relay.close()
+        os.close(sockets_fd)
+        await asyncio.shield(asyncio.to_thread(factory.reap, own=True, only_rollout=rollout))
+
+
+def swe_agent_for(sandbox: LocalSandbox, request: AgentRequest, settings: AgentSettings,
+                  deployment: dict[str, Any] | None = None) -> SWEAgent:
+    """The ``sweagent run`` adapter for one rollout (run it with ``recipe.runners.base.run_agent``).
+
+    Args:
+        deployment: SWE-ReX deployment options (``docker_deployment``); None = the local deployment.
 
     Raises:
         FileNotFoundError: SWE-agent is not installed (``example/install_sweagent.sh``).
-        ValueError: a deployment other than ``local`` (the config refuses it at start-up too).
+        ValueError: ``settings.sweagent_deployment`` is docker and no deployment was given.
     """
-    if settings.sweagent_deployment != "local":
-        raise ValueError(f"SWE-agent deployment {settings.sweagent_deployment!r} is not built; use local")
+    if deployment is None and settings.sweagent_deployment != "local":
+        raise ValueError(f"SWE-agent's {settings.sweagent_deployment!r} deployment needs its options "
+                         "(recipe.runners.swe_agent.docker_deployment)")
     install = SWEAgentInstall.locate()
     if install is None:
         raise FileNotFoundError("SWE-agent 1.x is not installed with its config/ and tools/ "
@@ -387,7 +466,7 @@ def swe_agent_for(sandbox: LocalSandbox, request: AgentRequest, settings: AgentS
         api_base=request.api_base,
         api_key=request.api_key,
         model_name=request.model_name,
-        deployment={"type": settings.sweagent_deployment},
+        deployment=deployment or {"type": "local"},
         step_limit=settings.step_limit,
         command_timeout_s=settings.command_timeout_s,
         total_command_s=int(settings.rollout_timeout_s),

@@ -76,11 +76,6 @@ def test_backend_is_selected_in_config():
         load_swe_agent_config({"agent": {"backend": "openhands"}})
 
 
-def test_docker_deployment_is_refused_until_it_is_built():
-    with pytest.raises(ValueError, match="sweagent_deployment=docker"):
-        load_swe_agent_config({"agent": {"backend": "swe_agent", "sweagent_deployment": "docker"}})
-
-
 def test_unjailed_sweagent_is_refused_at_start_up():
     with pytest.raises(ValueError, match="isolation=none"):
         load_swe_agent_config({"agent": {"backend": "swe_agent"}, "sandbox": {"isolation": "none"}})
