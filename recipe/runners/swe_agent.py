@@ -165,9 +165,16 @@ class SWEAgentInstall:
         return list(dict.fromkeys(paths))
 
 
+@functools.cache
+def installed_sweagent() -> SWEAgentInstall | None:
+    """``SWEAgentInstall.locate()``, looked up once per process (it stats files: not once per
+    rollout on the event loop)."""
+    return SWEAgentInstall.locate()
+
+
 def sweagent_available() -> bool:
     """Whether SWE-agent is installed with its data directories (``SWEAgentInstall.locate``)."""
-    return SWEAgentInstall.locate() is not None
+    return installed_sweagent() is not None
 
 
 @dataclass
@@ -452,7 +459,7 @@ def swe_agent_for(sandbox: LocalSandbox, request: AgentRequest, settings: AgentS
     if deployment is None and settings.sweagent_deployment != "local":
         raise ValueError(f"SWE-agent's {settings.sweagent_deployment!r} deployment needs its options "
                          "(recipe.runners.swe_agent.docker_deployment)")
-    install = SWEAgentInstall.locate()
+    install = installed_sweagent()
     if install is None:
         raise FileNotFoundError("SWE-agent 1.x is not installed with its config/ and tools/ "
                                 "(bash example/install_sweagent.sh)")
