@@ -76,6 +76,17 @@ def labelled_containers() -> list:
         client.close()
 
 
+def policy_sleeps(container) -> bool:
+    """Whether the policy's `sleep` runs in `container`; False once it has stopped (a container listed as
+    running can exit before the exec reaches it)."""
+    import docker
+
+    try:
+        return b"sleep" in container.exec_run(["sh", "-c", "cat /proc/[0-9]*/comm"]).output
+    except docker.errors.APIError:
+        return False
+
+
 def assert_nothing_left(tmp_path: Path) -> None:
     assert labelled_containers() == []
     boxes = tmp_path / "boxes"
@@ -126,7 +137,9 @@ def test_a_killed_run_leaves_containers_only_to_the_reaper(simple_tasks_dir, tmp
            f"script={script}", "limit=2", "concurrency=2", f"out_dir={tmp_path / 'out'}",
            "swe_agent.agent.backend=swe_agent", "swe_agent.agent.sweagent_deployment=docker",
            f"swe_agent.sandbox.parent_dir={parent}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "rollout.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
     rollout_ids: set[str] = set()
     try:
         # SWE-agent's start (imports, tool install) takes ~30 s alone and minutes on a loaded machine.
@@ -137,13 +150,13 @@ def test_a_killed_run_leaves_containers_only_to_the_reaper(simple_tasks_dir, tmp
                     rollout_ids.add(json.loads(owner.read_text())["rollout_id"])
                 except (OSError, ValueError, KeyError):
                     pass
-            running = [c for c in labelled_containers() if c.labels.get(LABEL_ROLLOUT) in rollout_ids]
-            if len(running) == 2 and all(
-                    b"sleep" in c.exec_run(["sh", "-c", "cat /proc/[0-9]*/comm"]).output for c in running):
+            running = [c for c in labelled_containers() if c.labels.get(LABEL_ROLLOUT) in rollout_ids
+                       and c.status == "running"]
+            if len(running) == 2 and all(policy_sleeps(c) for c in running):
                 break
             time.sleep(0.5)
         else:
-            pytest.fail("the policy's commands never started")
+            pytest.fail(f"the policy's commands never started; the rollout printed:\n{log.read_text()[-4000:]}")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
