@@ -227,6 +227,10 @@ class SessionResult:
             ``"backend_error: ..."``).
         generation_s: total seconds inside ``backend.generate``.
         tool_s: total seconds between a response leaving and the next request arriving.
+        agent_start_s: seconds from the session's opening to its first request (the whole
+            session so far when none came): the agent process's start.
+        request_s: total seconds from a request arriving to its response leaving (answered
+            requests; ``generation_s`` is inside it, the rest is the proxy's own work).
         turns: per-turn records.
         segments: every segment (``[]`` when no turn was generated).
         min_weight_version, max_weight_version: the oldest and newest policy versions
@@ -244,6 +248,8 @@ class SessionResult:
     generation_s: float
     tool_s: float
     turns: list[TurnRecord]
+    agent_start_s: float = 0.0
+    request_s: float = 0.0
     segments: list[Segment] = field(default_factory=list)
     min_weight_version: int | None = None
     max_weight_version: int | None = None
@@ -327,12 +333,19 @@ class ProxySession:
         self._min_version: int | None = None
         self._max_version: int | None = None
         self._response_left_at: float | None = None
+        self._opened_at = time.monotonic()
+        self._first_request_at: float | None = None
+        self._request_arrived_at: float | None = None
+        self._request_s = 0.0
         self._turns: list[TurnRecord] = []
 
     # -- phase and timing -------------------------------------------------------------------
 
     def request_arrived(self) -> None:
         now = time.monotonic()
+        if self._first_request_at is None:
+            self._first_request_at = now
+        self._request_arrived_at = now
         if self._response_left_at is not None:
             duration = now - self._response_left_at
             self._tool_s += duration
@@ -351,6 +364,9 @@ class ProxySession:
 
     def response_left(self) -> None:
         self._response_left_at = time.monotonic()
+        if self._request_arrived_at is not None:
+            self._request_s += self._response_left_at - self._request_arrived_at
+            self._request_arrived_at = None
         self._emit_phase("tool")
 
     def _emit_phase(self, phase: Phase) -> None:
@@ -393,6 +409,8 @@ class ProxySession:
             error=self._error,
             generation_s=self._generation_s,
             tool_s=self._tool_s,
+            agent_start_s=(self._first_request_at or time.monotonic()) - self._opened_at,
+            request_s=self._request_s,
             turns=list(self._turns),
             segments=segments,
             min_weight_version=self._min_version,

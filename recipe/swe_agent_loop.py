@@ -20,7 +20,6 @@ import asyncio
 import base64
 import contextlib
 import logging
-import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from model_proxy.server import SessionConfig, SessionResult, SessionStop
 from core.task import SWETask
 from recipe.config import Policy, SWEAgentConfig, load_swe_agent_config
 from recipe.outcome import ExitStatus
+from recipe.phases import PhaseClock
 from recipe.runners.base import AgentRequest, AgentRun, run_agent
 from recipe.runners.mini_swe_agent import MiniSweAgent
 from recipe.runners.swe_agent import docker_deployment, swe_agent_for
@@ -116,6 +116,8 @@ class RolloutInfo:
     # Sandbox limits the agent's commands hit ("command_timeout", "output_truncated", "workdir_bytes",
     # "patch_bytes", "oom_kill": one per process the OOM killer ended in the rollout's container).
     limits_hit: list[str] = field(default_factory=list)
+    # Seconds per phase of the rollout (recipe.phases.PHASES), summing to "total" (= total_s).
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def reward_extra_info(extra: dict[str, Any]) -> dict[str, float]:
@@ -237,16 +239,17 @@ class SWEAgentLoop(AgentLoopBase):
             asyncio.CancelledError: after the sandbox and session are cleaned up and the
                 rollout's record is written (status ``rollout_timeout``, error ``cancelled``).
         """
-        start = time.monotonic()
+        clock = PhaseClock()
         info = RolloutInfo(rollout_id=uuid.uuid4().hex)
         try:
-            output = await self._rollout(info, start, sampling_params, **kwargs)
+            output = await self._rollout(info, clock, sampling_params, **kwargs)
         except asyncio.CancelledError:
             # verl cancels rollouts it timed out or no longer needs: keep the record.
             info.exit_status = ExitStatus.ROLLOUT_TIMEOUT.value
             info.error = "cancelled by the trainer"
             info.masked = True
-            info.total_s = time.monotonic() - start
+            info.phases = clock.finish()
+            info.total_s = info.phases["total"]
             _, response_ids, mask, logprobs = self._placeholder_tokens()
             output = AgentLoopOutput(prompt_ids=[], response_ids=response_ids, response_mask=mask,
                                      response_logprobs=logprobs, reward_score=0.0, metrics=AgentLoopMetrics(),
@@ -277,7 +280,7 @@ class SWEAgentLoop(AgentLoopBase):
         return output
 
     async def _rollout(
-        self, info: RolloutInfo, start: float, sampling_params: dict[str, Any], **kwargs: Any
+        self, info: RolloutInfo, clock: PhaseClock, sampling_params: dict[str, Any], **kwargs: Any
     ) -> AgentLoopOutput:
         raw_prompt = list(kwargs.get("raw_prompt") or [])
         try:
@@ -286,7 +289,7 @@ class SWEAgentLoop(AgentLoopBase):
             info.exit_status = ExitStatus.SANDBOX_ERROR.value
             info.error = f"broken task row: {exc}"
             logger.warning("%s", info.error)
-            return await self._output_without_session(raw_prompt, info, start)
+            return await self._output_without_session(raw_prompt, info, clock)
         info.instance_id = task.instance_id
         info.split = str((kwargs.get("extra_info") or {}).get("split", ""))
 
@@ -302,6 +305,7 @@ class SWEAgentLoop(AgentLoopBase):
         try:
             # The shim admits the rollout from its memory pool (waiting, not OOMing, when short).
             lease = await cleanup.enter_async_context(resources.shim().rollout(info.rollout_id))
+            clock.lap("admission")
             settings = self.swe_config.sandbox
             if settings.backend == "docker":
                 sandbox = await DockerRolloutSandbox.create_in_docker(
@@ -319,6 +323,7 @@ class SWEAgentLoop(AgentLoopBase):
                     task, parent_dir=settings.parent_dir, rollout_id=info.rollout_id,
                     isolation=settings.isolation, jail=settings.jail_spec(),
                 )
+            clock.lap("sandbox")
 
             stage = ExitStatus.PROXY_ERROR
             handle = proxy.open_session(
@@ -345,6 +350,11 @@ class SWEAgentLoop(AgentLoopBase):
                                           wrap_argv=lease.wrap_argv)
             session = proxy.close_session(session_id)
             session_id = None
+            # From the session's opening to its close; what the session's figures leave is the
+            # agent's exit after its last response.
+            clock.lap("agent_exit")
+            clock.split("agent_exit", {"agent_start": session.agent_start_s, "generation": session.generation_s,
+                                       "proxy": session.request_s - session.generation_s, "tool": session.tool_s})
             info.exit_status = _resolve_status(agent, session).value
             info.agent_exit_status = agent.raw_exit_status
             info.num_llm_calls = agent.n_calls
@@ -359,6 +369,7 @@ class SWEAgentLoop(AgentLoopBase):
             except PatchTooLarge as exc:  # graded as no patch (the grader would refuse it too)
                 info.model_patch, info.error = "", str(exc)
                 info.limits_hit = [*info.limits_hit, "patch_bytes"]
+            clock.lap("patch")
         except SandboxError as exc:
             info.exit_status = ExitStatus.SANDBOX_ERROR.value
             info.error = str(exc)
@@ -370,11 +381,13 @@ class SWEAgentLoop(AgentLoopBase):
         finally:
             if session_id is not None:
                 proxy.close_session(session_id)
+            clock.lap("other")
             if sandbox is not None:
                 await sandbox.teardown()
             await asyncio.shield(cleanup.aclose())  # release the cgroup and pool bytes last
+            clock.lap("teardown")
         if session is None or agent is None:
-            return await self._output_without_session(raw_prompt, info, start)
+            return await self._output_without_session(raw_prompt, info, clock)
 
         # One grader per worker and reward config: a GRPO group's identical patches
         # (often empty) are graded once (reward.cache).
@@ -385,7 +398,8 @@ class SWEAgentLoop(AgentLoopBase):
             info.error = info.error or f"grading failed: {grade.error}"
         info.resolved = grade.resolved
         info.reward = grade.reward
-        return self._output_from_session(session, agent, info, start)
+        clock.lap("grading")
+        return self._output_from_session(session, agent, info, clock)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -420,7 +434,8 @@ class SWEAgentLoop(AgentLoopBase):
             adapter = swe_agent_for(sandbox, request, settings)
         else:
             adapter = MiniSweAgent(request, trajectory_path=self._trajectory_path(task, rollout_id))
-        return await run_agent(adapter, sandbox, settings, wrap_argv=wrap_argv)
+        warm = self._worker_resources().warm_starts() if settings.warm_start else None
+        return await run_agent(adapter, sandbox, settings, wrap_argv=wrap_argv, warm=warm)
 
     def _backend_for(self, task: SWETask, session: int = 0) -> GenerationBackend:
         """The policy's backend; ``session`` is the rollout's index in its GRPO group."""
@@ -467,7 +482,7 @@ class SWEAgentLoop(AgentLoopBase):
         session: SessionResult,
         agent: AgentRun,
         info: RolloutInfo,
-        start: float,
+        clock: PhaseClock,
     ) -> AgentLoopOutput | list[AgentLoopOutput]:
         """One output per token segment (a rewritten history starts a new one; verl's v1
         trainer takes the list), or a single output in the usual one-segment case."""
@@ -481,7 +496,8 @@ class SWEAgentLoop(AgentLoopBase):
                     for seg in session.segments] or [
             (session.prompt_ids, session.response_ids, session.response_mask, session.response_logprobs)]
         info.num_segments = len(segments)
-        info.total_s = time.monotonic() - start
+        info.phases = clock.finish()
+        info.total_s = info.phases["total"]
         reward = 0.0 if status.is_infra_failure else info.reward
         status_masked = self._masked(status)
         rows = []
@@ -515,7 +531,7 @@ class SWEAgentLoop(AgentLoopBase):
         return outputs if len(outputs) > 1 else outputs[0]
 
     async def _output_without_session(
-        self, raw_prompt: list[dict[str, Any]], info: RolloutInfo, start: float
+        self, raw_prompt: list[dict[str, Any]], info: RolloutInfo, clock: PhaseClock
     ) -> AgentLoopOutput:
         """A fully masked output for a rollout that failed before any generation."""
         prompt_ids = await self.ct_build_initial_tokens(raw_prompt) if raw_prompt else []
@@ -523,7 +539,8 @@ class SWEAgentLoop(AgentLoopBase):
         if not prompt_ids:
             prompt_ids = list(response_ids)
         info.masked = True
-        info.total_s = time.monotonic() - start
+        info.phases = clock.finish()
+        info.total_s = info.phases["total"]
         return AgentLoopOutput(
             prompt_ids=list(prompt_ids),
             response_ids=response_ids,

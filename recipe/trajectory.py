@@ -46,6 +46,8 @@ class TrajectoryRecord(BaseModel):
     max_global_steps: int | None = None
     split: str = ""  # the task row's split (train / test)
     limits_hit: list[str] = Field(default_factory=list)  # sandbox limits the agent's commands hit
+    # Seconds per phase (recipe.phases.PHASES) summing to "total"; empty in records older than them.
+    phases: dict[str, float] = Field(default_factory=dict)
 
     @classmethod
     def from_output(
@@ -90,6 +92,7 @@ class TrajectoryRecord(BaseModel):
             max_global_steps=extra.get("max_global_steps"),
             split=extra.get("split", ""),
             limits_hit=list(extra.get("limits_hit") or []),
+            phases=dict(extra.get("phases") or {}),
         )
 
     def prediction(self, model_name: str) -> dict[str, str]:
@@ -136,6 +139,8 @@ class RunSummary(BaseModel):
     mean_generation_s: float
     mean_tool_s: float
     mean_total_s: float
+    # Mean seconds per phase over the records that have phases (recipe.phases.PHASES order).
+    mean_phases_s: dict[str, float] = Field(default_factory=dict)
     # GRPO groups (rollouts sharing group_id; only groups of 2+ count): a group whose
     # rollouts all got the same reward has zero advantage and teaches nothing.
     groups: int = 0
@@ -167,6 +172,7 @@ class RunSummary(BaseModel):
             mean_generation_s=mean([r.generation_s for r in records]),
             mean_tool_s=mean([r.tool_s for r in records]),
             mean_total_s=mean([r.total_s for r in records]),
+            mean_phases_s=mean_phases([r.phases for r in records if r.phases]),
             groups=len(groups),
             uniform_groups=len(uniform),
             uniform_resolved_groups=sum(rewards[0] > 0 for rewards in uniform),
@@ -206,6 +212,19 @@ class RunSummary(BaseModel):
             f"response tokens={self.mean_response_tokens:.0f} sampled tokens={self.mean_sampled_tokens:.0f}",
             f"[{title}] mean seconds: llm={self.mean_generation_s:.2f} tools={self.mean_tool_s:.2f} "
             f"total={self.mean_total_s:.2f}",
+            f"[{title}] mean seconds by phase: "
+            + " ".join(f"{k}={v:.2f}" for k, v in self.mean_phases_s.items()),
             f"[{title}] GRPO groups={self.groups} uniform-reward (zero advantage)={self.uniform_groups} "
             f"(all resolved {self.uniform_resolved_groups}, none resolved {self.uniform_unresolved_groups})",
         ]
+
+
+def mean_phases(phases: list[dict[str, float]]) -> dict[str, float]:
+    """Mean seconds per phase over ``phases`` (a phase missing from one counts 0 there), in
+    ``recipe.phases.PHASES`` order with any other name after, ``total`` last."""
+    from recipe.phases import PHASES
+
+    if not phases:
+        return {}
+    names = [*PHASES, *sorted({k for p in phases for k in p} - set(PHASES) - {"total"}), "total"]
+    return {name: round(statistics.fmean(p.get(name, 0.0) for p in phases), 4) for name in names}

@@ -34,6 +34,7 @@ from sandbox.docker_sandbox import DockerSandboxFactory
 from sandbox.shim import ResourceShim
 
 from recipe.config import SWEAgentConfig
+from recipe.runners.warm_start import WarmStartPool
 
 
 class WorkerResources:
@@ -57,6 +58,8 @@ class WorkerResources:
         self._proxy_start: asyncio.Task[ModelProxyServer] | None = None
         self._shim: ResourceShim | None = None
         self._graders: dict[RewardConfig, Grader] = {}
+        self._warm_start_timeout_s = config.agent.warm_start_timeout_s
+        self._warm: WarmStartPool | None = None
         self.closed = False
 
     # -- the per-event-loop default (verl's AgentLoopWorker) ---------------------------------
@@ -101,6 +104,9 @@ class WorkerResources:
         if config.sandbox.docker != self._docker_settings:
             raise ValueError(f"swe_agent.sandbox.docker={config.sandbox.docker} differs from this worker's "
                              f"({self._docker_settings}): one worker has one container factory")
+        if config.agent.warm_start_timeout_s != self._warm_start_timeout_s:
+            raise ValueError(f"swe_agent.agent.warm_start_timeout_s={config.agent.warm_start_timeout_s} differs from "
+                             f"this worker's ({self._warm_start_timeout_s}): one worker has one set of fork servers")
         if config.sandbox.shim != self._shim_settings:
             raise ValueError(f"swe_agent.sandbox.shim={config.sandbox.shim} differs from this worker's "
                              f"({self._shim_settings}): one worker has one memory pool")
@@ -122,6 +128,13 @@ class WorkerResources:
                 ModelProxyServer.start(**self._proxy_settings), name="worker-proxy-start")
         # shield: a caller cancelled while waiting must not cancel the start for the others.
         return await asyncio.shield(task)
+
+    def warm_starts(self) -> WarmStartPool:
+        """The worker's warm-start fork servers (``recipe.runners.warm_start``), started on first use."""
+        self._refuse_if_closed()
+        if self._warm is None:
+            self._warm = WarmStartPool(self._warm_start_timeout_s)
+        return self._warm
 
     def shim(self) -> ResourceShim:
         """The worker's resource shim (its one memory pool), made on first use."""
@@ -181,6 +194,9 @@ class WorkerResources:
                 server = None
             if server is not None:
                 await server.stop()
+        warm, self._warm = self._warm, None
+        if warm is not None:
+            await warm.aclose()  # the servers' running children die with them
         # The shim holds no process resources of its own: each rollout's lease releases its group.
         self._shim = None
         for grader in self._graders.values():

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +30,11 @@ from typing import Any, ClassVar, Literal
 from core.process import kill_process_group
 from recipe.config import AgentSettings
 from recipe.outcome import ExitStatus
-from sandbox.local import LocalSandbox
+from recipe.runners.warm_start import PLACEHOLDER_MARKER, AgentForkServer, WarmProcess, WarmStartError, WarmStartPool
+from sandbox.jail import clean_env
+from sandbox.local import ROLLOUT_MARKER_ENV, LocalSandbox
+
+logger = logging.getLogger(__name__)
 
 LOG_TAIL_CHARS = 4000
 
@@ -103,6 +110,11 @@ class AgentAdapter(abc.ABC):
         """Write what the agent reads and return its command line; ``wrap_command`` is the
         shim's wrap when ``wrap_scope == "command"``, else None."""
 
+    def warm_environment(self, settings: AgentSettings, home: Path) -> dict[str, str] | None:
+        """The agent's own variables (as ``environment``) for a warm-start server whose private
+        directory is ``home``, or None when this agent always starts cold (the default)."""
+        return None
+
     @abc.abstractmethod
     async def read_result(self, sandbox: LocalSandbox, exit_code: int | None, duration_s: float,
                           log_tail: str) -> AgentRun | None:
@@ -116,10 +128,22 @@ def agent_environment(sandbox: LocalSandbox, variables: dict[str, str]) -> dict[
     return sandbox.runner_env({**RUNNER_ENV, **variables})
 
 
+def warm_server_environment(home: Path, variables: dict[str, str]) -> dict[str, str]:
+    """A warm-start server's environment: what ``agent_environment`` gives a rollout, with ``home`` for
+    the rollout's directory and the placeholder rollout id (``recipe.runners.warm_start``)."""
+    return clean_env(path_first=os.path.dirname(sys.executable), home=str(home),
+                     extra={ROLLOUT_MARKER_ENV: PLACEHOLDER_MARKER, **RUNNER_ENV, **variables})
+
+
 async def run_agent(
-    adapter: AgentAdapter, sandbox: LocalSandbox, settings: AgentSettings, *, wrap_argv: WrapArgv | None = None
+    adapter: AgentAdapter, sandbox: LocalSandbox, settings: AgentSettings, *, wrap_argv: WrapArgv | None = None,
+    warm: WarmStartPool | None = None,
 ) -> AgentRun:
     """Run one agent in ``sandbox`` until it exits or ``settings.rollout_timeout_s`` seconds.
+
+    With ``warm`` (and an adapter that has a ``warm_environment``, no whole-agent wrap), the agent
+    process is forked from the worker's pre-imported server instead of started cold; everything
+    else is the same.
 
     Raises:
         asyncio.CancelledError: after the agent's process group is killed (the sandbox's
@@ -128,9 +152,16 @@ async def run_agent(
     """
     argv = await adapter.prepare(sandbox, settings, wrap_argv if adapter.wrap_scope == "command" else None)
     log_path = adapter.log_path(sandbox)
+    agent_wrap = wrap_argv if adapter.wrap_scope == "agent" else None
+    server = None
+    if warm is not None and agent_wrap is None and _module_argv(argv) is not None:
+        if adapter.warm_environment(settings, Path()) is not None:  # None: this agent always starts cold
+            server = await warm.server(
+                _module_argv(argv)[0],
+                lambda home: warm_server_environment(home, adapter.warm_environment(settings, home) or {}))
     exit_code, timed_out, duration = await spawn_agent(
         sandbox, argv, env=agent_environment(sandbox, adapter.environment(sandbox, settings)), log_path=log_path,
-        timeout_s=settings.rollout_timeout_s, wrap_argv=wrap_argv if adapter.wrap_scope == "agent" else None,
+        timeout_s=settings.rollout_timeout_s, wrap_argv=agent_wrap, warm=server,
     )
     log_tail = await asyncio.to_thread(_tail, log_path)
     if timed_out:
@@ -151,6 +182,7 @@ async def spawn_agent(
     log_path: Path,
     timeout_s: float,
     wrap_argv: WrapArgv | None = None,
+    warm: AgentForkServer | None = None,
 ) -> tuple[int | None, bool, float]:
     """Run an agent process in its own process group until it exits.
 
@@ -160,10 +192,23 @@ async def spawn_agent(
     stdout and stderr go to ``log_path``. At ``timeout_s`` seconds, or on
     cancellation, the whole group is SIGKILLed (cancellation then propagates).
 
+    With ``warm`` (a fork server for ``argv``'s module; ``argv`` is ``[python, -P, -m, module, *args]``
+    and ``wrap_argv`` None) the process is that server's forked child; if the server cannot fork it,
+    it starts cold.
+
     Returns:
         (exit code or None, whether it was killed at the timeout, wall-clock seconds).
     """
     start = time.monotonic()
+    module_argv = _module_argv(argv)
+    if warm is not None and wrap_argv is None and module_argv is not None and module_argv[0] == warm.module:
+        try:
+            child = await warm.spawn(module_argv[1], env=env, cwd=str(sandbox.runner_dir), log_path=str(log_path),
+                                     marker=sandbox.rollout_id)
+        except WarmStartError as exc:
+            logger.warning("warm start failed, starting cold: %s", exc)
+        else:
+            return await _wait_warm(sandbox, child, timeout_s, start)
     with open(log_path, "wb") as log:
         proc = await asyncio.create_subprocess_exec(
             *(wrap_argv(argv) if wrap_argv else argv),
@@ -186,6 +231,30 @@ async def spawn_agent(
         kill_process_group(proc.pid)
         raise
     return proc.returncode, timed_out, time.monotonic() - start
+
+
+async def _wait_warm(sandbox: LocalSandbox, child: WarmProcess, timeout_s: float,
+                     start: float) -> tuple[int | None, bool, float]:
+    sandbox.track_process_group(child.pid)
+    timed_out = False
+    try:
+        code = await asyncio.wait_for(child.wait(), timeout=timeout_s)
+    except asyncio.TimeoutError:
+        timed_out = True
+        kill_process_group(child.pid)
+        code = await child.wait()
+    except BaseException:
+        kill_process_group(child.pid)
+        child.close()
+        raise
+    return code, timed_out, time.monotonic() - start
+
+
+def _module_argv(argv: list[str]) -> tuple[str, list[str]] | None:
+    """(module, args) of ``[this python, -P, -m, module, *args]``; None for any other command line."""
+    if len(argv) >= 4 and argv[0] == sys.executable and argv[1:3] == ["-P", "-m"]:
+        return argv[3], list(argv[4:])
+    return None
 
 
 def _tail(path: Path) -> str:

@@ -54,10 +54,19 @@ class MiniSweAgent(AgentAdapter):
         return sandbox.runner_dir / "runner.log"
 
     def environment(self, sandbox: LocalSandbox, settings: AgentSettings) -> dict[str, str]:
+        return self._variables(sandbox.runner_dir, settings)
+
+    def warm_environment(self, settings: AgentSettings, home: Path) -> dict[str, str]:
+        # The same variables: mini-swe-agent reads MSWEA_COST_TRACKING and MSWEA_SILENT_STARTUP at
+        # import time; the entry re-reads MSWEA_GLOBAL_CONFIG_DIR in the child (follow_environment).
+        return self._variables(home, settings)
+
+    @staticmethod
+    def _variables(home: Path, settings: AgentSettings) -> dict[str, str]:
         return {
             "MSWEA_CONFIGURED": "true",
             "MSWEA_SILENT_STARTUP": "1",
-            "MSWEA_GLOBAL_CONFIG_DIR": str(sandbox.runner_dir / "mini-swe-agent"),
+            "MSWEA_GLOBAL_CONFIG_DIR": str(home / "mini-swe-agent"),
             "MSWEA_COST_TRACKING": "ignore_errors",
             "MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT": str(max(1, settings.llm_retry_attempts)),
         }

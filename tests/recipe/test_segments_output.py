@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 from transformers import AutoTokenizer
 
 from model_proxy.server import Segment, SessionResult
 from recipe.outcome import ExitStatus
+from recipe.phases import PhaseClock
 from recipe.runners.mini_swe_agent import AgentRun
 from recipe.swe_agent_loop import RolloutInfo, SWEAgentLoop
 from recipe.trajectory import TrajectoryRecord
@@ -41,7 +41,7 @@ def test_each_segment_becomes_an_output_with_the_rollout_reward(loop):
     segments = [segment([1, 2, 3], [4, 5, 6], [1, 1, 0]),
                 segment([1, 2, 9], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [1] * 10)]
     info = RolloutInfo(instance_id="i", rollout_id="r", exit_status="submitted", resolved=True, reward=1.0)
-    outputs = loop._output_from_session(session(segments), agent(), info, time.monotonic())
+    outputs = loop._output_from_session(session(segments), agent(), info, PhaseClock())
     assert isinstance(outputs, list) and len(outputs) == 2
     assert outputs[0].prompt_ids == [1, 2, 3] and outputs[0].response_ids == [4, 5, 6]
     assert outputs[0].response_mask == [1, 1, 0]
@@ -57,7 +57,7 @@ def test_each_segment_becomes_an_output_with_the_rollout_reward(loop):
 def test_masking_covers_every_segment(loop):
     segments = [segment([1], [2, 3], [1, 1]), segment([1, 4], [5], [1])]
     info = RolloutInfo(instance_id="i", rollout_id="r", exit_status="step_limit")
-    outputs = loop._output_from_session(session(segments), agent(ExitStatus.STEP_LIMIT), info, time.monotonic())
+    outputs = loop._output_from_session(session(segments), agent(ExitStatus.STEP_LIMIT), info, PhaseClock())
     assert all(sum(o.response_mask) == 0 for o in outputs)
     # Every row says so, not only the last (earlier segments recorded masked=False).
     assert all(o.extra_fields["masked"] and o.extra_fields["segment_masked"] for o in outputs)
@@ -67,7 +67,7 @@ def test_a_segment_without_samples_is_masked_alone(loop):
     # The agent's last request was a rewrite answered by nothing: only that row trains nothing.
     segments = [segment([1], [2, 3], [1, 1]), segment([1, 4], [5], [0])]
     info = RolloutInfo(instance_id="i", rollout_id="r", exit_status="submitted", reward=1.0)
-    outputs = loop._output_from_session(session(segments), agent(), info, time.monotonic())
+    outputs = loop._output_from_session(session(segments), agent(), info, PhaseClock())
     assert [o.extra_fields["segment_masked"] for o in outputs] == [False, True]
     assert outputs[0].response_mask == [1, 1]
     assert not any(o.extra_fields["masked"] for o in outputs)  # the trajectory still trains
@@ -75,5 +75,5 @@ def test_a_segment_without_samples_is_masked_alone(loop):
 
 def test_single_segment_is_a_single_output(loop):
     info = RolloutInfo(instance_id="i", rollout_id="r", exit_status="submitted")
-    out = loop._output_from_session(session([segment([1], [2], [1])]), agent(), info, time.monotonic())
+    out = loop._output_from_session(session([segment([1], [2], [1])]), agent(), info, PhaseClock())
     assert not isinstance(out, list) and out.response_ids == [2]

@@ -25,6 +25,7 @@ from recipe.worker_resources import WorkerResources
 from recipe.outcome import ExitStatus
 from recipe.swe_agent_loop import SWEAgentLoop
 from recipe.trajectory import load_records
+from recipe.phases import PHASES
 from sandbox.local import find_marked_processes
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -90,11 +91,20 @@ async def _close_worker_resources():
     await WorkerResources.close_for_running_loop()
 
 
-async def test_reference_policy_resolves_every_task(rows, tokenizer, sandbox_parent):
-    loop = lambda: make_loop(tokenizer, sandbox_parent, policy="reference")  # noqa: E731
+@pytest.mark.parametrize("warm_start", [True, False], ids=["warm", "cold"])
+async def test_reference_policy_resolves_every_task(rows, tokenizer, sandbox_parent, warm_start):
+    loop = lambda: make_loop(tokenizer, sandbox_parent, policy="reference",  # noqa: E731
+                             agent={"warm_start": warm_start})
     outputs = await asyncio.gather(*(run_row(loop(), row) for row in rows))
     for row, out in zip(rows, outputs):
         extra = out.extra_fields
+        # The rollout's wall time, by phase: every phase named, summing to the total.
+        phases = extra["phases"]
+        assert set(phases) == {*PHASES, "total"}, phases
+        assert sum(v for k, v in phases.items() if k != "total") == pytest.approx(phases["total"], rel=1e-6)
+        assert phases["total"] == extra["total_s"]
+        assert phases["other"] < 0.05 * phases["total"], phases
+        assert phases["agent_start"] > 0 and phases["tool"] > 0 and phases["grading"] > 0, phases
         assert extra["exit_status"] == ExitStatus.SUBMITTED.value, (extra["instance_id"], extra["error"])
         assert extra["resolved"] and out.reward_score == 1.0, extra["grade"]
         assert extra["model_patch"].strip(), "the patch is taken from the sandbox"
@@ -195,11 +205,12 @@ async def test_tiny_model_rollouts_keep_exact_token_bookkeeping(rows, tokenizer,
     assert_nothing_left(outputs, sandbox_parent)
 
 
-async def test_hanging_agent_is_killed_at_rollout_timeout(rows, tokenizer, sandbox_parent):
+@pytest.mark.parametrize("warm_start", [True, False], ids=["warm", "cold"])
+async def test_hanging_agent_is_killed_at_rollout_timeout(rows, tokenizer, sandbox_parent, warm_start):
     backend = ScriptedPolicyBackend(tokenizer, ["sleep 120"], mode="tool_call")
     loop = make_loop(
         tokenizer, sandbox_parent, backend=backend,
-        agent={"rollout_timeout_s": 8.0, "command_timeout_s": 100},
+        agent={"rollout_timeout_s": 8.0, "command_timeout_s": 100, "warm_start": warm_start},
     )
     out = await run_row(loop, rows[0])
     assert out.extra_fields["exit_status"] == ExitStatus.ROLLOUT_TIMEOUT.value
@@ -208,12 +219,14 @@ async def test_hanging_agent_is_killed_at_rollout_timeout(rows, tokenizer, sandb
     assert_nothing_left([out], sandbox_parent)
 
 
-async def test_crashed_agent_is_an_agent_error_with_a_clean_sandbox(rows, tokenizer, sandbox_parent):
+@pytest.mark.parametrize("warm_start", [True, False], ids=["warm", "cold"])
+async def test_crashed_agent_is_an_agent_error_with_a_clean_sandbox(rows, tokenizer, sandbox_parent, warm_start):
     # The agent process dies mid-rollout (as under the OOM killer) while its command runs.
     import psutil
 
     backend = ScriptedPolicyBackend(tokenizer, ["sleep 60"], mode="tool_call")
-    job = asyncio.create_task(run_row(make_loop(tokenizer, sandbox_parent, backend=backend), rows[0]))
+    loop = make_loop(tokenizer, sandbox_parent, backend=backend, agent={"warm_start": warm_start})
+    job = asyncio.create_task(run_row(loop, rows[0]))
     agent_pid = None
     for _ in range(300):
         await asyncio.sleep(0.1)
