@@ -19,7 +19,7 @@ three modes, ``--concurrency`` grades in flight in each:
 - cache: one ``reward.grader.Grader`` (identical normalised patches graded once,
   empty patches scored without a run), still a fresh clone per grade and every test run;
 - cache+fast: the same plus prepared pristine trees copied per grade
-  (``reward.pristine``) and ``RewardConfig.fail_fast`` (the run stops once the
+  (``core.pristine``) and ``RewardConfig.fail_fast`` (the run stops once the
   reward is decided), as training grades.
 
 Each mode is timed ``--repeats`` times in rotating order (the machine may be

@@ -111,6 +111,25 @@ class PreparedTrees:
             OSError: the store cannot be created (work_root missing, disk full).
             Whatever ``build`` raises (not remembered: the next caller builds again).
         """
+        held = await self.hold(key, build)
+        try:
+            # cp -a keeps modes, symlinks and timestamps, as a checkout has them.
+            result = await run_command(["cp", "-a", "--reflink=auto", str(held.path), str(dest)],
+                                       timeout_s=COPY_TIMEOUT_S)
+            if result.returncode != 0 or result.timed_out:
+                raise TreeCopyError(f"copying the prepared tree {held.path} failed: {result.output.strip()[-2000:]}")
+            return dest
+        finally:
+            await asyncio.shield(asyncio.to_thread(held.release))
+
+    async def hold(self, key: Hashable, build: Builder) -> HeldTree:
+        """``key``'s tree, built first if needed, kept (never evicted) until ``release()``: for a
+        caller that reads it in place (an overlay's lower layer) rather than copying it.
+
+        Raises:
+            OSError: the store cannot be created (work_root missing, disk full).
+            Whatever ``build`` raises (not remembered: the next caller builds again).
+        """
         while True:
             with self._lock:
                 tree = self._trees.get(key)
@@ -121,6 +140,7 @@ class PreparedTrees:
                     tree.ready.set_running_or_notify_cancel()
                 self._trees.move_to_end(key)
                 tree.users += 1
+            held = HeldTree(Path(), self, tree)
             try:
                 if owner:
                     try:
@@ -136,18 +156,19 @@ class PreparedTrees:
                     try:
                         path = await asyncio.wrap_future(tree.ready)
                     except _Abandoned:
+                        await asyncio.shield(asyncio.to_thread(held.release))
                         continue
-                # cp -a keeps modes, symlinks and timestamps, as a checkout has them.
-                result = await run_command(["cp", "-a", "--reflink=auto", str(path), str(dest)],
-                                           timeout_s=COPY_TIMEOUT_S)
-                if result.returncode != 0 or result.timed_out:
-                    raise TreeCopyError(f"copying the prepared tree {path} failed: {result.output.strip()[-2000:]}")
-                return dest
-            finally:
-                with self._lock:
-                    tree.users -= 1
-                for stale in self._evict():
-                    await asyncio.shield(asyncio.to_thread(shutil.rmtree, stale, True))
+            except BaseException:
+                await asyncio.shield(asyncio.to_thread(held.release))
+                raise
+            held.path = path
+            return held
+
+    def _release(self, tree: _Tree) -> None:
+        with self._lock:
+            tree.users -= 1
+        for stale in self._evict():
+            shutil.rmtree(stale, ignore_errors=True)
 
     def close(self) -> None:
         """Remove every prepared tree (later calls build them again); call when nobody copies."""
@@ -156,3 +177,23 @@ class PreparedTrees:
             self._trees = OrderedDict()
         if finalizer is not None:
             finalizer()
+
+
+@dataclass
+class HeldTree:
+    """A prepared tree kept for one caller (``PreparedTrees.hold``) until ``release()``.
+
+    Attributes:
+        path: the prepared tree (read it, never write it).
+    """
+
+    path: Path
+    _trees: PreparedTrees
+    _tree: _Tree
+    _released: bool = False
+
+    def release(self) -> None:
+        """Let the store evict the tree again (idempotent). Blocking: may remove evicted trees."""
+        if not self._released:
+            self._released = True
+            self._trees._release(self._tree)

@@ -117,6 +117,13 @@ class SandboxSettings:
     max_memory_bytes: int = 8589934592
     max_file_bytes: int = 1073741824
     tmp_bytes: int = 536870912
+    # How each rollout's work tree starts: from a checkout made once per (repository, commit) per
+    # worker (core/pristine.py; at most max_prepared_trees kept, least recently used go), either
+    # "overlay" (forked: an overlay mount over it, nothing copied; needs root, sandbox/overlay.py),
+    # "copy" (cp -a --reflink=auto of it) or "auto" (overlay where it can be mounted, else copy);
+    # or "clone" (a new clone and checkout per rollout).
+    work_tree: str = "auto"
+    max_prepared_trees: int = 64
     # Resource shim (sandbox/shim.py); off unless `enabled: true` and a cgroup root exists.
     shim: ShimSettings = field(default_factory=ShimSettings)
     # Containers of the docker backend (sandbox/docker_sandbox.py).
@@ -206,6 +213,9 @@ class SWEAgentConfig:
             )
         if self.sandbox.isolation not in ("auto", "bwrap", "none"):
             raise ValueError(f"swe_agent.sandbox.isolation={self.sandbox.isolation!r}: expected auto, bwrap or none")
+        if self.sandbox.work_tree not in ("auto", "overlay", "copy", "clone"):
+            raise ValueError(f"swe_agent.sandbox.work_tree={self.sandbox.work_tree!r}: expected auto, overlay, copy "
+                             "or clone")
         if not self.reward.protect:
             raise ValueError("swe_agent.reward.protect=false: test-file protection is for measuring hacks "
                              "(python -m reward.audit), never for training")

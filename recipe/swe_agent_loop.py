@@ -307,21 +307,24 @@ class SWEAgentLoop(AgentLoopBase):
             lease = await cleanup.enter_async_context(resources.shim().rollout(info.rollout_id))
             clock.lap("admission")
             settings = self.swe_config.sandbox
+            trees = None if settings.work_tree == "clone" else resources.sandbox_trees()
+            work_tree = "auto" if settings.work_tree == "clone" else settings.work_tree
             if settings.backend == "docker":
                 sandbox = await DockerRolloutSandbox.create_in_docker(
                     task, factory=await resources.docker(), parent_dir=settings.parent_dir,
-                    rollout_id=info.rollout_id, jail=settings.jail_spec(),
+                    rollout_id=info.rollout_id, jail=settings.jail_spec(), trees=trees, work_tree=work_tree,
                 )
             elif self._sweagent_in_docker:
                 # SWE-ReX's container gets the host tree mounted; its commands run there, as its root.
                 sandbox = await LocalSandbox.create(
                     task, parent_dir=settings.parent_dir, rollout_id=info.rollout_id, isolation="none",
                     jail=settings.jail_spec(), copy_tree=image_tree_copier(task, await resources.docker()),
+                    trees=trees, work_tree=work_tree,
                 )
             else:
                 sandbox = await LocalSandbox.create(
                     task, parent_dir=settings.parent_dir, rollout_id=info.rollout_id,
-                    isolation=settings.isolation, jail=settings.jail_spec(),
+                    isolation=settings.isolation, jail=settings.jail_spec(), trees=trees, work_tree=work_tree,
                 )
             clock.lap("sandbox")
 

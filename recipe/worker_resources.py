@@ -33,6 +33,7 @@ from reward.grader import Grader
 from sandbox.docker_sandbox import DockerSandboxFactory
 from sandbox.shim import ResourceShim
 
+from core.pristine import PristineTrees
 from recipe.config import SWEAgentConfig
 from recipe.runners.warm_start import WarmStartPool
 
@@ -58,6 +59,8 @@ class WorkerResources:
         self._proxy_start: asyncio.Task[ModelProxyServer] | None = None
         self._shim: ResourceShim | None = None
         self._graders: dict[RewardConfig, Grader] = {}
+        self._max_prepared_trees = config.sandbox.max_prepared_trees
+        self._trees: PristineTrees | None = None
         self._warm_start_timeout_s = config.agent.warm_start_timeout_s
         self._warm: WarmStartPool | None = None
         self.closed = False
@@ -129,6 +132,14 @@ class WorkerResources:
         # shield: a caller cancelled while waiting must not cancel the start for the others.
         return await asyncio.shield(task)
 
+    def sandbox_trees(self) -> PristineTrees:
+        """The checkouts rollout sandboxes are copied from (``sandbox.prepared_trees``): one per
+        (repository, commit), made on first use; the graders keep their own."""
+        self._refuse_if_closed()
+        if self._trees is None:
+            self._trees = PristineTrees(max_trees=self._max_prepared_trees, prefix="sandbox-pristine-")
+        return self._trees
+
     def warm_starts(self) -> WarmStartPool:
         """The worker's warm-start fork servers (``recipe.runners.warm_start``), started on first use."""
         self._refuse_if_closed()
@@ -194,6 +205,9 @@ class WorkerResources:
                 server = None
             if server is not None:
                 await server.stop()
+        trees, self._trees = self._trees, None
+        if trees is not None:
+            await asyncio.to_thread(trees.close)
         warm, self._warm = self._warm, None
         if warm is not None:
             await warm.aclose()  # the servers' running children die with them

@@ -13,7 +13,7 @@ from reward.config import RewardConfig
 from reward.container import ContainerGrading, in_container
 from reward.grading import GradeResult, grade_patch, score
 from reward.isolation import NetworkPolicy, grading_policy
-from reward.pristine import PristineTrees
+from core.pristine import PristineTrees
 from sandbox.docker_sandbox import DockerSettings
 
 
@@ -27,7 +27,7 @@ class Grader:
             (``reward.cache``); False grades every call from scratch.
         work_root: directory for temporary repository copies (None = system temp).
         use_pristine: copy each grade's tree from a checkout prepared once per
-            (repository, commit) (``reward.pristine``) instead of cloning; the
+            (repository, commit) (``core.pristine``) instead of cloning; the
             tree is the same. False clones for every grade.
         containers: the Docker engine for grades in containers (``RewardConfig.backend``;
             pass the rollouts' so both share one image-tree store); None = connected on

@@ -38,7 +38,7 @@ from reward.applied import Change, applied_changes, directories_with_init, resto
 from reward.isolation import NetworkPolicy, grading_env, grading_policy, grading_readable, shell_join
 from reward.patch import PatchError, check_patch, normalize_patch
 from reward.container import ContainerGrading, GradeContainer, in_container
-from reward.pristine import PristineTrees
+from core.pristine import PristineTrees
 from reward.protected import protected_reason, shadowing_candidates, shadowing_roots
 from reward.runner_config import is_shared_config, pytest_settings_changed
 from reward.test_run import PytestCommand, PytestRun
@@ -548,7 +548,7 @@ async def grade_patch(
         cache: share grades of identical filtered patches of the same instance
             (``reward.cache``); use one cache per (config, task set).
         pristine: copy the repository from prepared checkouts
-            (``reward.pristine``) instead of cloning it for this grade; the
+            (``core.pristine``) instead of cloning it for this grade; the
             grade's tree is the same either way.
         reference: the reference patch's outcomes of the listed tests (its
             ``GradeResult.outcomes``): a test ending XFAIL/XPASS/SKIPPED passes only

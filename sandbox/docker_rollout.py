@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.pristine import PristineTrees
 from core.task import SWETask
 from sandbox.docker_sandbox import (
     LABEL_OWNER,
@@ -82,15 +83,19 @@ class DockerRolloutSandbox(LocalSandbox):
         parent_dir: str | None = None,
         rollout_id: str | None = None,
         jail: JailSpec | None = None,
+        trees: PristineTrees | None = None,
+        work_tree: str = "auto",
     ) -> DockerRolloutSandbox:
         """The host copy, then the task's container with the copy mounted (waits for a start slot).
+        ``trees``, ``work_tree``: as ``LocalSandbox.create``'s (repository tasks; an image task's tree comes from
+        ``factory.trees``).
 
         Raises:
             SandboxError: the copy or the container could not be made; nothing is left.
         """
         image_task = task.runs_in_image
         box = await cls.create(task, parent_dir=parent_dir, rollout_id=rollout_id, isolation="none", jail=jail,
-                               copy_tree=image_tree_copier(task, factory))
+                               copy_tree=image_tree_copier(task, factory), trees=trees, work_tree=work_tree)
         async with box.torn_down_on_failure("cannot start the sandbox container"):
             if running_as_root() and box.jail.uid is not None:
                 box._uid_lease = await asyncio.to_thread(lease_uid, box.jail)

@@ -51,6 +51,9 @@ import psutil
 
 from core.task import SWETask
 from core.gitrepo import CACHE_EXCLUDES, GIT_ENV, checkout_copy
+from core.pristine import PristineTrees
+from core.trees import HeldTree
+from sandbox.overlay import OverlayError, detach, detach_mounts_below, mount_overlay, overlay_available
 from sandbox.jail import (
     JailSpec,
     UidLease,
@@ -71,6 +74,8 @@ OWNER_FILE = "owner.json"
 # A sandbox directory without an owner file older than this is a half-made one from a crash, seconds.
 ORPHAN_GRACE_S = 300.0
 ISOLATION_MODES = ("none", "bwrap", "auto")
+# How a sandbox's work tree starts from the worker's prepared checkout (LocalSandbox.create).
+WORK_TREE_MODES = ("auto", "overlay", "copy")
 # Options of every host-side git call on the agent's tree: nothing configured there can run.
 SAFE_GIT_OPTIONS = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "safe.directory=*",
                     "-c", "core.quotePath=false", "-c", "diff.noprefix=false")
@@ -170,6 +175,7 @@ def reap_stale_sandboxes(parent_dir: str | os.PathLike[str] | None = None) -> li
             continue
         if record.get("rollout_id"):
             kill_marked_processes(str(record["rollout_id"]))
+        detach_mounts_below(root)  # a forked work tree's overlay (sandbox.overlay)
         shutil.rmtree(root, ignore_errors=True)
         removed.append(root)
     if removed:
@@ -206,6 +212,8 @@ class LocalSandbox:
     command_env: dict[str, str] = field(default_factory=dict)
     _process_groups: list[int] = field(default_factory=list)
     _uid_lease: UidLease | None = None
+    _held_tree: HeldTree | None = None
+    _overlay: bool = False
     _closed: bool = False
 
     @property
@@ -228,6 +236,8 @@ class LocalSandbox:
         isolation: str = "none",
         jail: JailSpec | None = None,
         copy_tree: Callable[[Path], Awaitable[object]] | None = None,
+        trees: PristineTrees | None = None,
+        work_tree: str = "auto",
     ) -> LocalSandbox:
         """Copy ``task.repo_path`` at ``task.base_commit`` into a new private directory.
 
@@ -238,6 +248,12 @@ class LocalSandbox:
             copy_tree: makes the work tree at the path it is given, a one-commit repository
                 (an image task's tree: ``sandbox.image_tree``); None = ``checkout_copy`` of
                 ``task.repo_path``.
+            trees: the worker's prepared checkouts, one per (repository, commit): the work tree
+                starts from it instead of a new ``checkout_copy`` (a clone, a checkout and a
+                re-hashed one-commit history per rollout); the same tree either way.
+            work_tree: with ``trees``: ``overlay`` forks the prepared checkout (an overlay mount,
+                ``sandbox.overlay``: nothing copied), ``copy`` copies it (``cp -a --reflink=auto``),
+                ``auto`` forks where overlays can be mounted and copies elsewhere.
 
         Raises:
             SandboxError: the repo is missing or cannot be checked out, or bwrap was
@@ -246,6 +262,8 @@ class LocalSandbox:
         """
         if isolation not in ISOLATION_MODES:
             raise ValueError(f"isolation must be one of {ISOLATION_MODES}, got {isolation!r}")
+        if work_tree not in WORK_TREE_MODES:
+            raise ValueError(f"work_tree must be one of {WORK_TREE_MODES}, got {work_tree!r}")
         rollout_id = rollout_id or uuid.uuid4().hex
         if not task.repo_path and copy_tree is None:
             raise SandboxError(f"{task.instance_id}: task has no repo_path (an image task: use "
@@ -268,6 +286,10 @@ class LocalSandbox:
             box.runner_dir.mkdir()
             if copy_tree is not None:
                 await copy_tree(box.workdir)
+            elif trees is not None and (work_tree == "overlay" or (work_tree == "auto" and overlay_available())):
+                await box._fork_tree(trees, required=work_tree == "overlay")
+            elif trees is not None:
+                await trees.copy_to(task.repo_path, task.base_commit, box.workdir)
             else:
                 await checkout_copy(task.repo_path, task.base_commit, box.workdir)
             await run_command(["cp", "-a", str(box.workdir / ".git"), str(box.git_dir)], timeout_s=120.0)
@@ -297,6 +319,25 @@ class LocalSandbox:
             else:
                 logger.info("sandbox %s is not isolated (isolation=none)", rollout_id)
         return box
+
+    async def _fork_tree(self, trees: PristineTrees, *, required: bool) -> None:
+        """The work tree as an overlay over the prepared checkout, held until teardown; a copy of it
+        when the mount fails and ``required`` is False.
+
+        Raises:
+            OverlayError: the mount failed and ``required``.
+        """
+        self._held_tree = await trees.hold_checkout(self.task.repo_path, self.task.base_commit)
+        try:
+            await asyncio.to_thread(mount_overlay, self._held_tree.path, self.root / "layers", self.workdir)
+            self._overlay = True
+        except OverlayError as exc:
+            if required:
+                raise
+            logger.warning("%s: cannot fork the work tree (%s); copying it", self.task.instance_id, exc)
+            await asyncio.to_thread(shutil.rmtree, self.root / "layers", True)
+            await asyncio.to_thread(shutil.rmtree, self.workdir, True)
+            await trees.copy_to(self.task.repo_path, self.task.base_commit, self.workdir)
 
     @contextlib.asynccontextmanager
     async def torn_down_on_failure(self, what: str) -> AsyncIterator[None]:
@@ -376,7 +417,11 @@ class LocalSandbox:
         for pgid in self._process_groups:
             kill_process_group(pgid)
         kill_marked_processes(self.rollout_id)
+        if self._overlay:
+            detach(self.workdir)
         shutil.rmtree(self.root, ignore_errors=True)
+        if self._held_tree is not None:
+            self._held_tree.release()
         if self._uid_lease is not None:
             self._uid_lease.release()
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.gitrepo import GitError, checkout_copy
-from core.trees import PreparedTrees, TreeCopyError
+from core.trees import HeldTree, PreparedTrees, TreeCopyError
 
 
 @dataclass
@@ -40,3 +40,14 @@ class PristineTrees(PreparedTrees):
             return await super().copy_to(key, lambda final: checkout_copy(repo_path, commit, final), dest)
         except TreeCopyError as exc:
             raise GitError(str(exc)) from exc
+
+    async def hold_checkout(self, repo_path: str, commit: str) -> HeldTree:
+        """The prepared checkout of ``repo_path`` at ``commit``, kept until its ``release()``
+        (``PreparedTrees.hold``); read it in place, never write it.
+
+        Raises:
+            FileNotFoundError: ``repo_path`` is not a git repository.
+            GitError: the checkout failed (e.g. unknown commit).
+        """
+        key = (os.path.realpath(repo_path), commit)
+        return await self.hold(key, lambda final: checkout_copy(repo_path, commit, final))
