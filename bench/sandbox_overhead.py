@@ -19,6 +19,15 @@
 Prints mean seconds per item and ratios (against concurrency 1, against the
 ``clone`` method, and against seed 001's 26.5 s mean container start).
 
+``--paths`` instead compares, in one run, the cold path (a new agent interpreter per rollout,
+``agent.warm_start=false``; a new clone per work tree, ``sandbox.work_tree=clone``) with the warm one
+(agents forked from a pre-imported server, work trees forked from one prepared checkout per task:
+the defaults): whole ``policy=empty`` rollouts, each level a GRPO group of ``c`` rollouts of one
+task, ``--reps`` times, in one worker per path after one warm-up group (a worker starts its fork
+server once; that start is printed apart). It prints the fixed cost per rollout, the throughput,
+warm/cold ratios, and the mean seconds per phase (``recipe.phases``) with their sum against the
+total.
+
 ``--compare-rev REV`` instead times the whole ``policy=empty`` rollout of this checkout
 against git revision REV's (checked out in a temporary worktree, run with this venv),
 alternating the two ``--reps`` times at each concurrency, and prints the median ratio:
@@ -167,6 +176,74 @@ async def bench_fixed(task: SWETask, data: str, levels: list[int], work: Path, d
     return out
 
 
+PATHS = {
+    "cold": ["swe_agent.agent.warm_start=false", "swe_agent.sandbox.work_tree=clone"],
+    "warm": ["swe_agent.agent.warm_start=true", "swe_agent.sandbox.work_tree=auto"],
+}
+
+
+async def rollout_groups(data: str, overrides: list[str], levels: list[int], reps: int, out: Path) -> dict:
+    """Whole ``policy=empty`` rollouts in one worker: a warm-up group, then ``reps`` groups of ``c``
+    concurrent rollouts of the first task per level. Returns {"warmup": records, c: [(wall, records)]}."""
+    from recipe.rollout import load_config, make_loop_factory, read_rows
+    from recipe.trajectory import TrajectoryRecord
+    from recipe.worker_resources import WorkerResources
+
+    cfg = load_config([f"data={data}", "policy=empty", "limit=1", f"out_dir={out}", *overrides])
+    row = read_rows(data, 1)[0]
+    make_loop, _ = make_loop_factory(cfg)
+    sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}
+
+    async def one(resources, session: int) -> TrajectoryRecord:
+        output = await make_loop(resources).run(dict(sampling), raw_prompt=row.get("prompt") or [],
+                                                extra_info=row["extra_info"], data_source=row.get("data_source", ""),
+                                                session_id=session)
+        return TrajectoryRecord.from_output(output, data_source="", policy="empty")
+
+    results: dict = {}
+    async with WorkerResources(make_loop().swe_config) as resources:
+        results["warmup"] = [await one(resources, 0)]
+        for c in levels:
+            results[c] = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                records = await asyncio.gather(*(one(resources, k) for k in range(c)))
+                results[c].append((time.perf_counter() - t0, records))
+    return results
+
+
+def compare_paths(args: argparse.Namespace, levels: list[int]) -> int:
+    """The cold path against the warm one, whole rollouts (module docstring)."""
+    from recipe.trajectory import mean_phases
+
+    with tempfile.TemporaryDirectory(prefix="bench-sandbox-paths-") as tmp:
+        runs = {name: asyncio.run(rollout_groups(args.data, overrides, levels, args.reps, Path(tmp) / name))
+                for name, overrides in PATHS.items()}
+    print(f"\n== whole policy=empty rollouts, cold vs warm path ({args.reps} groups per level, one worker each) ==")
+    for name, run in runs.items():
+        first = run["warmup"][0]
+        print(f"{name}: the worker's first rollout {first.total_s:.2f} s (agent start {first.phases['agent_start']:.2f} s"
+              f"{', the fork server starting' if name == 'warm' else ''})")
+    stats: dict = {}
+    for c in levels:
+        for name, run in runs.items():
+            records = [r for _, group in run[c] for r in group]
+            bad = [r.exit_status for r in records if r.exit_status != "submitted"]
+            mean = statistics.fmean(r.total_s for r in records)
+            throughput = statistics.fmean(c / wall for wall, _ in run[c])
+            stats[(name, c)] = (mean, throughput)
+            phases = mean_phases([r.phases for r in records])
+            named = sum(v for k, v in phases.items() if k != "total")
+            print(f"{name:4s} c={c:3d}  fixed cost {mean:6.3f} s/rollout  throughput {throughput:6.2f} rollouts/s"
+                  f"{'  NOT SUBMITTED: ' + str(bad) if bad else ''}")
+            print("           phases: " + " ".join(f"{k}={v:.3f}" for k, v in phases.items() if k != "total")
+                  + f"  sum {named:.3f} / total {phases['total']:.3f} ({100 * named / phases['total']:.1f}%)")
+        cold, warm = stats[("cold", c)], stats[("warm", c)]
+        print(f"     c={c:3d}  cold/warm fixed cost {cold[0] / warm[0]:5.1f}x   warm/cold throughput "
+              f"{warm[1] / cold[1]:5.1f}x")
+    return 0
+
+
 def compare_revision(args: argparse.Namespace, levels: list[int]) -> int:
     """Alternate this checkout's ``policy=empty`` rollouts with ``args.compare_rev``'s (module docstring)."""
     with tempfile.TemporaryDirectory(prefix="bench-sandbox-compare-") as tmp:
@@ -201,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--large-files", type=int, default=3000)
     ap.add_argument("--large-mb", type=int, default=60)
     ap.add_argument("--compare-rev", default=None, help="time policy=empty rollouts against this git revision")
+    ap.add_argument("--paths", action="store_true", help="the cold rollout path against the warm one (docstring)")
     ap.add_argument("--docker", choices=("auto", "on", "off"), default="auto",
                     help="also time Docker sandboxes and rollouts (auto: when an engine answers)")
     args = ap.parse_args(argv)
@@ -208,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.compare_rev:
         return compare_revision(args, [int(x) for x in args.concurrency.split(",")])
+    if args.paths:
+        return compare_paths(args, [int(x) for x in args.concurrency.split(",")])
 
     task = SWETask.from_extra_info(read_rows(args.data, 1)[0]["extra_info"])
     levels = [int(x) for x in args.concurrency.split(",")]

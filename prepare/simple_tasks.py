@@ -838,7 +838,7 @@ def _listing(rng: random.Random, pkg: str) -> BugCase:
         hidden_failing=frozenset({f"test_{vis}_hides_dotfiles_by_default", f"test_{vis}_only_hidden_entries"}),
         issue=Issue(
             title=rng.choice(
-                [f"`{vis}` shows only the hidden files", f"Default listing returns dotfiles instead of files"]
+                [f"`{vis}` shows only the hidden files", "Default listing returns dotfiles instead of files"]
             ),
             summary=f"With the default arguments `{vis}` returns exactly the entries it should hide.",
             imports=(vis,),

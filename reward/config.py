@@ -77,6 +77,9 @@ class RewardConfig:
             ``docker`` a container for every task; ``local`` never a container (image tasks
             then fail with ``repo_missing``). Containers use ``swe_agent.sandbox.docker``'s
             engine, limits and base image.
+        work_tree: how a grade's tree starts from its prepared checkout (``core.pristine``):
+            ``auto`` an overlay over it where overlays can be mounted (``sandbox.overlay``:
+            nothing copied), else a copy; ``copy`` always a copy.
     """
 
     variant: str = "binary"
@@ -93,6 +96,7 @@ class RewardConfig:
     max_memory_bytes: int = 8 << 30
     max_file_bytes: int = 1 << 30
     backend: str = "auto"
+    work_tree: str = "auto"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -105,6 +109,8 @@ class RewardConfig:
             raise ValueError(f"reward timeout_s must be > 0 seconds, got {self.timeout_s!r}")
         if not self.grade_timeout_s > 0:
             raise ValueError(f"reward grade_timeout_s must be > 0 seconds, got {self.grade_timeout_s!r}")
+        if self.work_tree not in ("auto", "copy"):
+            raise ValueError(f"reward work_tree {self.work_tree!r}: expected auto or copy")
         if self.max_patch_bytes <= 0:
             raise ValueError(f"reward max_patch_bytes must be > 0, got {self.max_patch_bytes!r}")
 

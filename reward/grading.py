@@ -51,8 +51,9 @@ from reward.test_log import (
 )
 from reward.variants import UNPARSABLE_SIMILARITY, binary_reward, partial_reward, patch_similarity
 from core.gitrepo import GitError, checkout_copy, git, git_env
-from core.trees import TreeCopyError
+from core.trees import HeldTree, TreeCopyError
 from sandbox.image_tree import ImageTreeError
+from sandbox.overlay import OverlayError, detach, mount_overlay, overlay_available
 from sandbox.jail import JailSpec, give_to_jail, lease_uid
 from core.process import run_command
 
@@ -364,12 +365,24 @@ async def _run_tests(
     except OSError as exc:
         result.error, result.log_tail = "workdir_error", f"cannot create a working directory: {exc}"
         return result
+    held: HeldTree | None = None
     try:
         repo = tmp / "repo"
         try:
             if not task.repo_path:
                 assert containers is not None
                 await containers.copy_tree(task, repo)
+            elif pristine is not None and config.work_tree == "auto" and await asyncio.to_thread(overlay_available):
+                # Forked, not copied: a GRPO group's grades share one prepared checkout (sandbox.overlay).
+                # Its layers outside the grade's directory, which the test run may write.
+                held = await pristine.hold_checkout(task.repo_path, task.base_commit)
+                try:
+                    await asyncio.to_thread(mount_overlay, held.path, _layers_dir(tmp), repo)
+                except OverlayError:
+                    await asyncio.to_thread(held.release)
+                    held = None
+                    await asyncio.to_thread(shutil.rmtree, repo, True)
+                    await pristine.copy_to(task.repo_path, task.base_commit, repo)
             elif pristine is not None:
                 await pristine.copy_to(task.repo_path, task.base_commit, repo)
             else:
@@ -440,7 +453,22 @@ async def _run_tests(
     finally:
         # Shielded so a second cancellation cannot skip the cleanup; rmtree
         # runs in a thread because a repo copy can hold many files.
-        await asyncio.shield(asyncio.to_thread(shutil.rmtree, tmp, ignore_errors=True))
+        await asyncio.shield(asyncio.to_thread(_remove_grade_dir, tmp, held))
+
+
+def _layers_dir(tmp: Path) -> Path:
+    """Where a forked grade tree's writable layers go: beside the grade's directory, not in it."""
+    return tmp.with_name(tmp.name + ".layers")
+
+
+def _remove_grade_dir(tmp: Path, held: HeldTree | None) -> None:
+    """Detach a forked tree (then let its prepared checkout go) and remove the grade's directories."""
+    if held is not None:
+        detach(tmp / "repo")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(_layers_dir(tmp), ignore_errors=True)
+    if held is not None:
+        held.release()
 
 
 async def _run_phases(

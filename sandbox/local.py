@@ -286,7 +286,8 @@ class LocalSandbox:
             box.runner_dir.mkdir()
             if copy_tree is not None:
                 await copy_tree(box.workdir)
-            elif trees is not None and (work_tree == "overlay" or (work_tree == "auto" and overlay_available())):
+            elif trees is not None and (work_tree == "overlay"
+                                        or (work_tree == "auto" and await asyncio.to_thread(overlay_available))):
                 await box._fork_tree(trees, required=work_tree == "overlay")
             elif trees is not None:
                 await trees.copy_to(task.repo_path, task.base_commit, box.workdir)
