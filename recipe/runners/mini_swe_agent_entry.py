@@ -200,7 +200,7 @@ def warm_imports() -> list[str]:
             "litellm.proxy.openai_files_endpoints.common_utils", "litellm.proxy.spend_tracking.savings",
             "litellm.llms.github_copilot.per_user_auth", "litellm._service_logger",
             "litellm.integrations.generic_api.generic_api_callback", "litellm.llms.openai_like.dynamic_config",
-            "ctypes", "encodings.unicode_escape"]
+            "ctypes", "encodings.unicode_escape", "httpcore"]
 
 
 def follow_environment() -> None:
