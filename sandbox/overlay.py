@@ -23,6 +23,7 @@ import ctypes
 import functools
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -90,7 +91,7 @@ def mounts_below(root: Path) -> list[Path]:
     for line in lines:
         fields = line.split()
         if len(fields) > 4:
-            point = fields[4].encode().decode("unicode_escape")  # octal escapes (\040 = space)
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # \040 = space
             if (point + "/").startswith(prefix):
                 found.append(Path(point))
     return sorted(found, key=lambda p: len(p.parts), reverse=True)
