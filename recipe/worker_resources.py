@@ -205,12 +205,12 @@ class WorkerResources:
                 server = None
             if server is not None:
                 await server.stop()
-        trees, self._trees = self._trees, None
-        if trees is not None:
-            await asyncio.to_thread(trees.close)
         warm, self._warm = self._warm, None
         if warm is not None:
             await warm.aclose()  # the servers' running children die with them
+        trees, self._trees = self._trees, None
+        if trees is not None:
+            await asyncio.to_thread(trees.close)
         # The shim holds no process resources of its own: each rollout's lease releases its group.
         self._shim = None
         for grader in self._graders.values():

@@ -53,7 +53,7 @@ from reward.variants import UNPARSABLE_SIMILARITY, binary_reward, partial_reward
 from core.gitrepo import GitError, checkout_copy, git, git_env
 from core.trees import HeldTree, TreeCopyError
 from sandbox.image_tree import ImageTreeError
-from sandbox.overlay import OverlayError, detach, mount_overlay, overlay_available
+from sandbox.overlay import OverlayError, detach, mount_overlay_async, overlay_available
 from sandbox.jail import JailSpec, give_to_jail, lease_uid
 from core.process import run_command
 
@@ -377,7 +377,7 @@ async def _run_tests(
                 # Its layers outside the grade's directory, which the test run may write.
                 held = await pristine.hold_checkout(task.repo_path, task.base_commit)
                 try:
-                    await asyncio.to_thread(mount_overlay, held.path, _layers_dir(tmp), repo)
+                    await mount_overlay_async(held.path, _layers_dir(tmp), repo)
                 except OverlayError:
                     await asyncio.to_thread(held.release)
                     held = None

@@ -53,7 +53,7 @@ from core.task import SWETask
 from core.gitrepo import CACHE_EXCLUDES, GIT_ENV, checkout_copy
 from core.pristine import PristineTrees
 from core.trees import HeldTree
-from sandbox.overlay import OverlayError, detach, detach_mounts_below, mount_overlay, overlay_available
+from sandbox.overlay import OverlayError, detach_mounts_below, mount_overlay_async, overlay_available
 from sandbox.jail import (
     JailSpec,
     UidLease,
@@ -213,7 +213,6 @@ class LocalSandbox:
     _process_groups: list[int] = field(default_factory=list)
     _uid_lease: UidLease | None = None
     _held_tree: HeldTree | None = None
-    _overlay: bool = False
     _closed: bool = False
 
     @property
@@ -330,12 +329,13 @@ class LocalSandbox:
         """
         self._held_tree = await trees.hold_checkout(self.task.repo_path, self.task.base_commit)
         try:
-            await asyncio.to_thread(mount_overlay, self._held_tree.path, self.root / "layers", self.workdir)
-            self._overlay = True
+            await mount_overlay_async(self._held_tree.path, self.root / "layers", self.workdir)
         except OverlayError as exc:
             if required:
                 raise
             logger.warning("%s: cannot fork the work tree (%s); copying it", self.task.instance_id, exc)
+            held, self._held_tree = self._held_tree, None
+            await asyncio.to_thread(held.release)
             await asyncio.to_thread(shutil.rmtree, self.root / "layers", True)
             await asyncio.to_thread(shutil.rmtree, self.workdir, True)
             await trees.copy_to(self.task.repo_path, self.task.base_commit, self.workdir)
@@ -418,8 +418,8 @@ class LocalSandbox:
         for pgid in self._process_groups:
             kill_process_group(pgid)
         kill_marked_processes(self.rollout_id)
-        if self._overlay:
-            detach(self.workdir)
+        if self._held_tree is not None:
+            detach_mounts_below(self.root)  # the work tree's overlay (made even if its creation was cancelled)
         shutil.rmtree(self.root, ignore_errors=True)
         if self._held_tree is not None:
             self._held_tree.release()

@@ -19,6 +19,8 @@ attributes that steer overlayfs without ``CAP_SYS_ADMIN``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import functools
 import logging
@@ -31,6 +33,9 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 MNT_DETACH = 2
+# No setuid bits or device nodes through a work tree: root in a container could make either in its
+# upper layer, which is in the host's mount namespace.
+MS_NOSUID, MS_NODEV = 2, 4
 
 
 class OverlayError(OSError):
@@ -56,17 +61,36 @@ def mount_overlay(lower: Path, layers: Path, merged: Path) -> None:
         OverlayError: the kernel refused the mount (not root, no overlayfs, unsupported layers).
     """
     upper, work = layers / "upper", layers / "work"
-    upper.mkdir(parents=True)
-    work.mkdir()
-    merged.mkdir(exist_ok=True)
-    # The merged root takes the upper directory's owner and mode; the lower's must show.
-    st = os.stat(lower)
-    os.chown(upper, st.st_uid, st.st_gid)
-    os.chmod(upper, st.st_mode & 0o7777)
-    if _libc().mount(b"overlay", str(merged).encode(), b"overlay", 0,
+    try:
+        upper.mkdir(parents=True)
+        work.mkdir()
+        merged.mkdir(exist_ok=True)
+        # The merged root takes the upper directory's owner and mode; the lower's must show.
+        st = os.stat(lower)
+        os.chown(upper, st.st_uid, st.st_gid)
+        os.chmod(upper, st.st_mode & 0o7777)
+    except OSError as exc:
+        raise OverlayError(exc.errno, f"overlay layers under {layers}: {exc}") from exc
+    if _libc().mount(b"overlay", str(merged).encode(), b"overlay", MS_NOSUID | MS_NODEV,
                      _options(lower, upper, work).encode()) != 0:
         err = ctypes.get_errno()
         raise OverlayError(err, f"mount overlay at {merged}: {os.strerror(err)}")
+
+
+async def mount_overlay_async(lower: Path, layers: Path, merged: Path) -> None:
+    """``mount_overlay`` in a thread; a cancelled caller still waits for the mount to finish (then
+    is cancelled), so its cleanup finds the mount if it was made.
+
+    Raises:
+        OverlayError: as ``mount_overlay``.
+    """
+    mounting = asyncio.ensure_future(asyncio.to_thread(mount_overlay, lower, layers, merged))
+    try:
+        await asyncio.shield(mounting)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await mounting
+        raise
 
 
 def detach(merged: Path) -> bool:

@@ -92,13 +92,20 @@ def _read_request(conn: socket.socket) -> dict:
     return request
 
 
-def run_child(module: str, request: dict, marker_at: int) -> None:
-    """In the forked child: become the agent process (module docstring), run it, exit. Never returns."""
+def run_child(module: str, request: dict, marker_at: int, ready_fd: int, server: int) -> None:
+    """In the forked child: become the agent process (module docstring), tell the server through
+    ``ready_fd`` once it is its own session leader with its marker, run the module, exit as the
+    interpreter would (atexit handlers, non-daemon threads joined). Never returns."""
     code = 1
     try:
         os.setsid()
-        _libc().prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        libc = _libc()
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
         ctypes.memmove(marker_at, request["marker"].encode("ascii"), len(PLACEHOLDER_MARKER))
+        os.write(ready_fd, b"1")  # killable by its group and findable by its marker from here on
+        os.close(ready_fd)
+        if os.getppid() != server:  # the server died before the prctl
+            os._exit(1)
         log = os.open(request["log_path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
@@ -108,56 +115,119 @@ def run_child(module: str, request: dict, marker_at: int) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
+        # Signal dispositions stay the interpreter's (SIGPIPE ignored, SIGINT -> KeyboardInterrupt),
+        # as in a cold start: this server never changes them.
         sys.argv = [module, *request["args"]]
         runpy.run_module(module, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, int) or exc.code is None:
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
     except BaseException:
         traceback.print_exc()
     finally:
         try:
+            # What the interpreter does at exit, which os._exit skips.
+            threading._shutdown()  # type: ignore[attr-defined]
+            import atexit
+
+            atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
             os._exit(code)
 
 
+def _fork(module: str, request: dict, marker_at: int, inherited: list[socket.socket],
+          selector: selectors.BaseSelector) -> int:
+    """Fork the child for ``request``; returns its pid once it is set up (or has died trying)."""
+    ready_r, ready_w = os.pipe()
+    server = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        # The child's copies of this server's descriptors: closed by run_child, so their Python
+        # objects must not close a reused descriptor number when collected.
+        selector.close()
+        for sock in inherited:
+            sock.detach()
+        run_child(module, request, marker_at, ready_w, server)
+    os.close(ready_w)
+    try:
+        os.read(ready_r, 1)  # b"1", or b"" when the child died first
+    finally:
+        os.close(ready_r)
+    return pid
+
+
 def serve(module: str, listener: socket.socket, marker_at: int) -> None:
-    """Fork one child per request until the parent dies (then the kernel kills this process)."""
+    """Fork one child per request until the parent dies (then the kernel kills this process).
+
+    A connection closed before its child exits (the rollout was cancelled, or crashed, between
+    asking and tracking the child) kills the child's process group: no child outlives its asker.
+    """
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ, None)
+    children: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, connection)
     while True:
         for key, _ in selector.select():
-            if key.data is None:
-                conn, _ = listener.accept()
-                try:
-                    request = _read_request(conn)
-                except (OSError, ValueError) as exc:
-                    _write(conn, {"error": f"bad request: {exc}"})
-                    conn.close()
-                    continue
-                pid = os.fork()
-                if pid == 0:
-                    # The child's copies of this server's descriptors: closed by run_child, so their Python
-                    # objects must not close a reused descriptor number when collected.
-                    inherited = [listener, conn] + [k.data[1] for k in selector.get_map().values() if k.data]
-                    selector.close()
-                    for sock in inherited:
-                        sock.detach()
-                    run_child(module, request, marker_at)
-                pidfd = os.pidfd_open(pid)
-                _write(conn, {"pid": pid})
-                selector.register(pidfd, selectors.EVENT_READ, (pid, conn))
-            else:
-                pid, conn = key.data
-                selector.unregister(key.fd)
-                os.close(key.fd)
-                _, status = os.waitpid(pid, 0)
-                _write(conn, {"returncode": os.waitstatus_to_exitcode(status)})
-                conn.close()
+            try:
+                if key.data is None:
+                    _accept(module, listener, marker_at, selector, children)
+                elif key.data[0] == "exit":
+                    _reap(key.fd, selector, children)
+                else:  # the asker's connection is readable: it closed (or sent junk)
+                    pidfd = key.data[1]
+                    if pidfd in children:
+                        try:
+                            os.killpg(children[pidfd][0], signal.SIGKILL)
+                        except OSError:
+                            pass
+                    try:
+                        selector.unregister(key.fileobj)
+                    except (KeyError, ValueError):  # reaped in this same round
+                        pass
+            except OSError as exc:  # one request's failure (EMFILE, EAGAIN from fork) must not end the others
+                print(f"fork server: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
+
+def _accept(module: str, listener: socket.socket, marker_at: int, selector: selectors.BaseSelector,
+            children: dict[int, tuple[int, socket.socket]]) -> None:
+    conn, _ = listener.accept()
+    try:
+        request = _read_request(conn)
+    except (OSError, ValueError) as exc:
+        _write(conn, {"error": f"bad request: {exc}"})
+        conn.close()
+        return
+    inherited = [listener, conn] + [c for _, c in children.values()]
+    try:
+        pid = _fork(module, request, marker_at, inherited, selector)
+        pidfd = os.pidfd_open(pid)
+    except OSError as exc:
+        _write(conn, {"error": f"cannot fork: {exc}"})
+        conn.close()
+        raise
+    children[pidfd] = (pid, conn)
+    selector.register(pidfd, selectors.EVENT_READ, ("exit", pidfd))
+    _write(conn, {"pid": pid})
+    selector.register(conn, selectors.EVENT_READ, ("asker", pidfd))
+
+
+def _reap(pidfd: int, selector: selectors.BaseSelector, children: dict[int, tuple[int, socket.socket]]) -> None:
+    pid, conn = children.pop(pidfd)
+    selector.unregister(pidfd)
+    os.close(pidfd)
+    _, status = os.waitpid(pid, 0)
+    try:
+        selector.unregister(conn)
+    except (KeyError, ValueError):
+        pass
+    _write(conn, {"returncode": os.waitstatus_to_exitcode(status)})
+    conn.close()
 
 
 def main(argv: list[str]) -> int:

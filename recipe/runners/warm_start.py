@@ -103,19 +103,21 @@ class AgentForkServer:
             )
             server = cls(module, proc, state_dir)
             try:
-                ready = await asyncio.wait_for(proc.stdout.readline(), timeout_s)
+                ready = await asyncio.wait_for(_ready_line(proc.stdout), timeout_s)
             except asyncio.TimeoutError:
-                ready = b""
-            if ready.strip() != b"ready":
+                ready = False
+            if not ready:
                 tail = (await asyncio.to_thread((state_dir / "server.log").read_bytes))[-2000:]
                 raise WarmStartError(f"the {module} fork server did not start within {timeout_s} s: "
                                      f"{tail.decode(errors='replace')}")
             return server
-        except BaseException:
+        except BaseException as exc:
             if server is not None:
                 await server.aclose()
             else:
                 await asyncio.to_thread(shutil.rmtree, state_dir, True)
+            if isinstance(exc, OSError):  # the interpreter could not be started: start cold
+                raise WarmStartError(f"cannot start the {module} fork server: {exc}") from exc
             raise
         finally:
             log.close()
@@ -143,9 +145,12 @@ class AgentForkServer:
             await writer.drain()
             line = await reader.readline()
             reply = json.loads(line) if line else {"error": "the fork server closed the connection"}
-        except (OSError, ValueError) as exc:
+        except BaseException as exc:
+            # Closing the connection before the child is tracked makes the server kill it.
             writer.close()
-            raise WarmStartError(f"the {self.module} fork server failed: {exc}") from exc
+            if isinstance(exc, (OSError, ValueError)):
+                raise WarmStartError(f"the {self.module} fork server failed: {exc}") from exc
+            raise
         if not isinstance(reply.get("pid"), int):
             writer.close()
             raise WarmStartError(f"the {self.module} fork server refused: {reply.get('error', reply)}")
@@ -157,6 +162,14 @@ class AgentForkServer:
             kill_process_group(self._proc.pid)
         await self._proc.wait()
         await asyncio.to_thread(shutil.rmtree, self._state_dir, True)
+
+
+async def _ready_line(stdout: asyncio.StreamReader) -> bool:
+    """Read the server's stdout until its ``ready`` line (imports may print before it); False at EOF."""
+    while line := await stdout.readline():
+        if line.strip() == b"ready":
+            return True
+    return False
 
 
 class WarmStartPool:
@@ -183,7 +196,9 @@ class WarmStartPool:
         if module in self._failed:
             return None
         task = self._starts.get(module)
-        if task is not None and task.done() and (task.exception() or not task.result().running):
+        if task is not None and task.done() and (task.cancelled() or task.exception() or not task.result().running):
+            if not task.cancelled() and task.exception() is None:
+                await task.result().aclose()  # it died: its directory goes, a new one starts
             task = None
         if task is None:
             task = self._starts[module] = asyncio.get_running_loop().create_task(

@@ -26,7 +26,8 @@ from recipe.runners.swe_agent import sweagent_available
 from recipe.swe_agent_loop import SWEAgentLoop
 from recipe.worker_resources import WorkerResources
 from sandbox.docker_sandbox import LABEL_ROLLOUT, LABEL_SANDBOX, docker_engine_available, owner_id, reap_containers
-from sandbox.local import OWNER_FILE
+from sandbox.local import OWNER_FILE, reap_stale_sandboxes
+from sandbox.overlay import mounts_below
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE, WHY = docker_engine_available()
@@ -172,3 +173,6 @@ def test_a_killed_run_leaves_containers_only_to_the_reaper(simple_tasks_dir, tmp
         client.close()
     assert set(removed) == rollout_ids
     assert [c for c in labelled_containers() if c.labels.get(LABEL_ROLLOUT) in rollout_ids] == []
+    # ...and its sandboxes (their work trees' overlays included) go to the same start-up's reaper.
+    assert len(reap_stale_sandboxes(parent)) == 2
+    assert mounts_below(parent) == [] and list(parent.iterdir()) == []

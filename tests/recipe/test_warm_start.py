@@ -28,7 +28,7 @@ from recipe.runners.warm_start import AgentForkServer, WarmStartError, WarmStart
 from sandbox.local import LocalSandbox, find_marked_processes
 
 PROBE = '''
-import json, os, sys, time
+import json, os, signal, sys, time
 
 def warm_imports():
     return ["decimal"]
@@ -40,7 +40,8 @@ if __name__ == "__main__":
         proc_env = dict(v.split("=", 1) for v in fh.read().decode().split("\\0") if "=" in v)
     info = {"pid": os.getpid(), "pgid": os.getpgid(0), "sid": os.getsid(0), "cwd": os.getcwd(),
             "env": dict(os.environ), "argv": sys.argv[1:], "fds": fds, "stdin": os.readlink("/proc/self/fd/0"),
-            "proc_marker": proc_env.get("SWE_ROLLOUT_ID"), "decimal_loaded": "decimal" in sys.modules}
+            "proc_marker": proc_env.get("SWE_ROLLOUT_ID"), "decimal_loaded": "decimal" in sys.modules,
+            "signals": [str(signal.getsignal(s)) for s in (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM)]}
     with open(out, "w") as fh:
         json.dump(info, fh)
     print("probe ran", flush=True)
@@ -115,6 +116,7 @@ async def test_a_forked_agent_is_what_a_cold_start_gives(sandbox, probe_dir, tmp
     assert warm["env"] == cold["env"] == agent_environment(sandbox, env_of(probe_dir)[0])
     assert warm["argv"][1:] == cold["argv"][1:] == ["0"]
     assert warm["fds"] == cold["fds"], "no descriptor of the server leaks into the child"
+    assert warm["signals"] == cold["signals"], "SIGPIPE ignored and SIGINT a KeyboardInterrupt, as in a cold start"
     assert "probe ran" in cold_log and "probe ran" in warm_log
     assert warm["decimal_loaded"] and not cold["decimal_loaded"], "the warm child has the server's imports"
 
@@ -180,6 +182,25 @@ async def test_a_server_that_cannot_start_means_cold_starts(probe_dir, caplog):
     finally:
         await pool.aclose()
     assert not working.running and not working.socket_path.parent.exists()
+
+
+async def test_a_child_whose_asker_goes_away_is_killed(sandbox, probe_dir, tmp_path, server):
+    """A rollout cancelled between asking for its agent and tracking it: closing the connection
+    kills the child, so nothing runs that no rollout will kill."""
+    variables, _ = env_of(probe_dir)
+    out = tmp_path / "orphan.json"
+    reader, writer = await asyncio.open_unix_connection(str(server.socket_path))
+    request = {"args": [str(out), "sleep"], "env": agent_environment(sandbox, variables),
+               "cwd": str(sandbox.runner_dir), "log_path": str(tmp_path / "orphan.log"), "marker": sandbox.rollout_id}
+    writer.write((json.dumps(request) + "\n").encode())
+    pid = json.loads(await reader.readline())["pid"]
+    while not out.exists():
+        await asyncio.sleep(0.05)
+    writer.close()
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the child outlived the connection that asked for it"
+        await asyncio.sleep(0.05)
 
 
 async def test_the_server_refuses_a_bad_request_without_forking(server, tmp_path):

@@ -40,8 +40,13 @@ async def test_forked_grades_score_as_copies_and_leave_the_checkout_alone(calc_t
     from reward import grading
 
     mounted = []
-    real_mount = grading.mount_overlay
-    monkeypatch.setattr(grading, "mount_overlay", lambda *a: (mounted.append(a[2]), real_mount(*a))[1])
+    real_mount = grading.mount_overlay_async
+
+    async def counted_mount(*args):
+        mounted.append(args[2])
+        await real_mount(*args)
+
+    monkeypatch.setattr(grading, "mount_overlay_async", counted_mount)
     work = tmp_path / "grades"
     work.mkdir()
     trees = PristineTrees()
