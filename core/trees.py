@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import logging
 import shutil
 import tempfile
 import threading
@@ -21,10 +23,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.owner import owner_alive, owner_record
 from core.process import run_command
 
 # Limit for copying one prepared tree, seconds.
 COPY_TIMEOUT_S = 120.0
+# The owner record at a store's root (``core.owner``).
+STORE_OWNER_FILE = "store-owner.json"
 
 
 class TreeCopyError(RuntimeError):
@@ -74,6 +79,8 @@ class PreparedTrees:
         with self._lock:
             if self._root is None:
                 root = Path(tempfile.mkdtemp(prefix=self.prefix, dir=self.work_root))
+                # A worker killed before close() leaves the store to the start-up reaper (reap_stale_stores).
+                (root / STORE_OWNER_FILE).write_text(json.dumps(owner_record()))
                 self._root = root
                 self._finalizer = weakref.finalize(self, shutil.rmtree, str(root), True)
             return self._root
@@ -197,3 +204,24 @@ class HeldTree:
         if not self._released:
             self._released = True
             self._trees._release(self._tree)
+
+
+def reap_stale_stores(parent_dir: str | Path) -> list[Path]:
+    """Remove the stores under ``parent_dir`` whose owner (``STORE_OWNER_FILE``) is dead: what a
+    killed worker's prepared trees left. Stores without an owner file are left alone. Blocking."""
+    removed = []
+    try:
+        candidates = list(Path(parent_dir).iterdir())
+    except OSError:
+        return []
+    for store in candidates:
+        try:
+            record = json.loads((store / STORE_OWNER_FILE).read_text())
+        except (OSError, ValueError):  # not a store, or not ours to read
+            continue
+        if not owner_alive(record):
+            shutil.rmtree(store, ignore_errors=True)
+            removed.append(store)
+    if removed:
+        logging.getLogger(__name__).warning("reaped %d stale prepared-tree store(s) under %s", len(removed), parent_dir)
+    return removed

@@ -51,8 +51,9 @@ import psutil
 
 from core.task import SWETask
 from core.gitrepo import CACHE_EXCLUDES, GIT_ENV, checkout_copy
+from core.owner import owner_alive, owner_record
 from core.pristine import PristineTrees
-from core.trees import HeldTree
+from core.trees import HeldTree, reap_stale_stores
 from sandbox.overlay import OverlayError, detach_mounts_below, mount_overlay_async, overlay_available
 from sandbox.jail import (
     JailSpec,
@@ -131,20 +132,6 @@ def kill_marked_processes(rollout_id: str, rounds: int = 3) -> int:
     return killed
 
 
-def _owner_record(rollout_id: str) -> dict:
-    me = psutil.Process()
-    return {"pid": me.pid, "create_time": me.create_time(), "rollout_id": rollout_id}
-
-
-def _owner_alive(record: dict) -> bool:
-    try:
-        proc = psutil.Process(int(record["pid"]))
-        # The start time tells a reused pid from the owner.
-        return abs(proc.create_time() - float(record["create_time"])) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, KeyError, ValueError, TypeError):
-        return False
-
-
 def reap_stale_sandboxes(parent_dir: str | os.PathLike[str] | None = None) -> list[Path]:
     """Remove sandboxes left by dead runs under ``parent_dir`` (default: the system temp dir).
 
@@ -171,7 +158,7 @@ def reap_stale_sandboxes(parent_dir: str | os.PathLike[str] | None = None) -> li
             record = {}
         except (OSError, ValueError):
             record = {}
-        if record and _owner_alive(record):
+        if record and owner_alive(record):
             continue
         if record.get("rollout_id"):
             kill_marked_processes(str(record["rollout_id"]))
@@ -180,6 +167,9 @@ def reap_stale_sandboxes(parent_dir: str | os.PathLike[str] | None = None) -> li
         removed.append(root)
     if removed:
         logger.warning("reaped %d stale sandbox(es) under %s", len(removed), parent)
+    # Then the prepared checkouts of dead workers (their stores live in the temp dir by default).
+    for store_parent in {parent, Path(tempfile.gettempdir())}:
+        reap_stale_stores(store_parent)
     return removed
 
 
@@ -280,7 +270,7 @@ class LocalSandbox:
         box = cls(rollout_id=rollout_id, root=root, workdir=root / "repo", home=root / "home", task=task,
                   runner_dir=root / "runner", jail=jail or JailSpec())
         async with box.torn_down_on_failure("cannot create sandbox"):
-            (root / OWNER_FILE).write_text(json.dumps(_owner_record(rollout_id)))
+            (root / OWNER_FILE).write_text(json.dumps(owner_record(rollout_id=rollout_id)))
             box.home.mkdir()
             box.runner_dir.mkdir()
             if copy_tree is not None:

@@ -115,3 +115,28 @@ async def test_unknown_commit_is_a_sandbox_error(task_repo, tmp_path):
     with pytest.raises(SandboxError):
         await LocalSandbox.create(bad, parent_dir=str(boxes))
     assert list(boxes.iterdir()) == []
+
+
+async def test_a_dead_workers_prepared_checkouts_go_to_the_reaper(task_repo, tmp_path):
+    """A worker killed before closing its prepared checkouts (core.pristine) leaves their store; the
+    start-up reaper removes it once its owner is dead, and leaves a live worker's alone."""
+    import json
+
+    from core.pristine import PristineTrees
+    from core.trees import STORE_OWNER_FILE
+    from sandbox.local import reap_stale_sandboxes
+
+    parent = tmp_path / "stores"
+    parent.mkdir()
+    live, dead = PristineTrees(work_root=str(parent)), PristineTrees(work_root=str(parent))
+    try:
+        for trees in (live, dead):
+            held = await trees.hold_checkout(task_repo.repo_path, task_repo.base_commit)
+            held.release()
+        dead_store = dead._root
+        (dead_store / STORE_OWNER_FILE).write_text(json.dumps({"pid": 2 ** 22 + 7, "create_time": 0}))
+        assert reap_stale_sandboxes(parent) == []  # no sandbox there; the stores are reaped besides
+        assert not dead_store.exists() and live._root.exists()
+    finally:
+        live.close()
+        dead.close()
