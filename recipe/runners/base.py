@@ -154,11 +154,12 @@ async def run_agent(
     log_path = adapter.log_path(sandbox)
     agent_wrap = wrap_argv if adapter.wrap_scope == "agent" else None
     server = None
-    if warm is not None and agent_wrap is None and _module_argv(argv) is not None:
-        if adapter.warm_environment(settings, Path()) is not None:  # None: this agent always starts cold
-            server = await warm.server(
-                _module_argv(argv)[0],
-                lambda home: warm_server_environment(home, adapter.warm_environment(settings, home) or {}))
+    module = _module_argv(argv)
+    # warm_environment None: this agent always starts cold.
+    if (warm is not None and agent_wrap is None and module is not None
+            and adapter.warm_environment(settings, Path()) is not None):
+        server = await warm.server(
+            module[0], lambda home: warm_server_environment(home, adapter.warm_environment(settings, home) or {}))
     exit_code, timed_out, duration = await spawn_agent(
         sandbox, argv, env=agent_environment(sandbox, adapter.environment(sandbox, settings)), log_path=log_path,
         timeout_s=settings.rollout_timeout_s, wrap_argv=agent_wrap, warm=server,
