@@ -85,10 +85,13 @@ class DockerRolloutSandbox(LocalSandbox):
         jail: JailSpec | None = None,
         trees: PristineTrees | None = None,
         work_tree: str = "auto",
+        memory_bytes: int | None = None,
+        oom_kill_disable: bool = False,
     ) -> DockerRolloutSandbox:
         """The host copy, then the task's container with the copy mounted (waits for a start slot).
         ``trees``, ``work_tree``: as ``LocalSandbox.create``'s (repository tasks; an image task's tree comes from
-        ``factory.trees``).
+        ``factory.trees``). ``memory_bytes``, ``oom_kill_disable``: the container's starting limit and
+        whether it sleeps at it (``DockerSandboxFactory.create_container``; the resource shim's lease).
 
         Raises:
             SandboxError: the copy or the container could not be made; nothing is left.
@@ -115,7 +118,7 @@ class DockerRolloutSandbox(LocalSandbox):
                 user = f"{box.jail.uid}:{box.jail.gid if box.jail.gid is not None else box.jail.uid}"
             box.container = await factory.create_container(
                 task, box.rollout_id, volumes=mounts, user=user, working_dir=inside,
-                environment=box.command_env)
+                environment=box.command_env, memory_bytes=memory_bytes, oom_kill_disable=oom_kill_disable)
             box.container_name = box.container.name
             box.container_workdir = inside
             box.command_prefix = ["docker", "exec", "-w", inside,

@@ -284,9 +284,12 @@ class DockerSandboxFactory:
         return DockerSandbox(container, rollout_id, task, self.settings)
 
     async def create_container(self, task: SWETask, rollout_id: str, *, volumes: dict[str, dict[str, str]],
-                               user: str | None, working_dir: str, environment: dict[str, str]) -> Any:
+                               user: str | None, working_dir: str, environment: dict[str, str],
+                               memory_bytes: int | None = None, oom_kill_disable: bool = False) -> Any:
         """Start a rollout's container with host directories mounted (``DockerRolloutSandbox``):
         ``container_run_kwargs`` plus the mounts, the user, no capabilities and no privilege gain.
+        ``memory_bytes``: its starting memory limit (the resource shim's; default ``memory_bytes`` of
+        the settings); ``oom_kill_disable``: tasks at the limit sleep until it is raised (cgroup v1).
 
         Raises:
             RuntimeError: the container did not start within ``start_timeout_s``.
@@ -295,6 +298,10 @@ class DockerSandboxFactory:
         kwargs = container_run_kwargs(task, rollout_id, self.settings, owner=self.owner)
         kwargs.update(volumes=volumes, working_dir=working_dir, environment={**kwargs["environment"], **environment},
                       cap_drop=["ALL"], security_opt=["no-new-privileges"])
+        if memory_bytes is not None:
+            kwargs.update(mem_limit=int(memory_bytes), memswap_limit=int(memory_bytes))
+        if oom_kill_disable:
+            kwargs["oom_kill_disable"] = True
         if user is not None:
             kwargs["user"] = user
         async with self._starts:

@@ -28,21 +28,28 @@ the shim moves limits at the boundary instead:
 - ``memory.max`` = ``hard_max_bytes`` for the whole rollout: the only OOM is a
   single rollout exceeding the hard cap.
 
+The limits live on a cgroup of a delegated directory (local sandboxes; ``memory.high``) or on a
+Docker sandbox's container (``bind``; the limit through the engine, the container asleep at it
+instead of OOM-killed: ``sandbox.docker_limits``).
+
 Usage (the agent loop)::
 
-    shim = ResourceShim.from_settings(settings)          # once per worker
+    shim = ResourceShim.from_settings(settings, sandbox_backend="docker")  # once per worker
     async with shim.rollout(rollout_id) as lease:          # may wait for admission
-        proc = spawn(lease.wrap_argv(argv))                 # or lease.add_pid(pid)
+        proc = spawn(lease.wrap_argv(argv))                 # local: or lease.add_pid(pid)
+        await bind_container_limits(lease, container, cap)  # docker: once the container runs
         SessionConfig(..., on_phase=lease.on_phase)
     lease.summary                                           # ShimRolloutSummary
 
-With ``enabled=False`` (the default) every call is a no-op and ``cgroup_path`` is None.
+``enabled=None`` (auto, the default) is on for the Docker backend and where a cgroup root is set;
+off, every call is a no-op and ``cgroup_path`` is None.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shlex
@@ -52,7 +59,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -66,16 +73,28 @@ GiB = 1 << 30
 CGROUP_ROOT_ENV = "SWE_RL_CGROUP_ROOT"
 
 
+POLICIES = ("phase", "static", "reactive")
+
+
 @dataclass
 class ShimSettings:
     """Resource-shim configuration (bytes, seconds, cores).
 
-    ``pool_bytes=0`` means 80% of the machine's RAM. ``cgroup_root=None`` takes
-    ``$SWE_RL_CGROUP_ROOT``; without either the no-op controller is used (policy
-    decisions and measurements still run, limits are not enforced).
+    ``enabled=None`` (auto) turns the shim on where it can enforce limits: the Docker backend
+    (limits through the engine, ``sandbox.docker_limits``) or a configured cgroup root; see
+    ``resolved_enabled``. ``pool_bytes=0`` means 80% of the machine's RAM. ``cgroup_root=None``
+    takes ``$SWE_RL_CGROUP_ROOT``; without either, local sandboxes get the no-op controller
+    (policy decisions and measurements still run, limits are not enforced).
+
+    ``policy``: ``phase`` (the module docstring's policy), or a baseline to compare it with:
+    ``static`` (every rollout's limit is ``baseline_bytes`` for its whole life, reserved at
+    admission: static limits with admission control) or ``reactive`` (the limit follows usage,
+    ``reactive_headroom`` x what the last poll read, never below ``baseline_bytes``, grown from the
+    pool when it has room). Only ``phase`` pauses a Docker sandbox at its limit instead of OOM-killing.
     """
 
-    enabled: bool = False
+    enabled: bool | None = None
+    policy: str = "phase"
     cgroup_backend: str = "auto"  # auto | v2 | v1 | none
     cgroup_root: str | None = None
     pool_bytes: int = 0
@@ -85,6 +104,8 @@ class ShimSettings:
     hard_max_bytes: int = 8 * GiB
     # Multiplier on the largest tool usage seen in this rollout when sizing the next grant.
     burst_learn_factor: float = 1.25
+    # policy=reactive: limit = this x the usage last read.
+    reactive_headroom: float = 1.2
     # 0 = no cpu.max; the CPU is not the bottleneck (seed 001: 7-13% of a core on average).
     cpu_quota_cores: float = 0.0
     cpu_weight: int = 100
@@ -95,19 +116,32 @@ class ShimSettings:
     monitor_interval_s: float = 0.05
     # A grant unused (usage < half the limit) this long inside a tool is cut to 1.25x usage; 0 = never.
     shrink_after_s: float = 1.0
+    # A directory for one memory trace per rollout (``<rollout_id>.jsonl``: one row per poll, the
+    # rows ``sandbox.simulate.load_recorded`` replays); null = none.
+    trace_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.cgroup_backend not in ("auto", "v2", "v1", "none"):
             raise ValueError(f"shim cgroup_backend {self.cgroup_backend!r}: expected auto, v2, v1 or none")
+        if self.policy not in POLICIES:
+            raise ValueError(f"shim policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
         for name in ("pool_bytes", "baseline_bytes", "burst_min_bytes", "burst_max_bytes", "hard_max_bytes",
                      "cpu_quota_cores", "admission_timeout_s", "shrink_after_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"shim {name} must be >= 0, got {getattr(self, name)!r}")
         if not self.monitor_interval_s > 0:
             raise ValueError(f"shim monitor_interval_s must be > 0 seconds, got {self.monitor_interval_s!r}")
+        if not self.reactive_headroom >= 1.0:
+            raise ValueError(f"shim reactive_headroom must be >= 1, got {self.reactive_headroom!r}")
 
     def resolved_pool_bytes(self) -> int:
         return self.pool_bytes or int(psutil.virtual_memory().total * 0.8)
+
+    def resolved_enabled(self, sandbox_backend: str) -> bool:
+        """``enabled``, with None (auto) = on for the Docker backend or when a cgroup root is set."""
+        if self.enabled is not None:
+            return bool(self.enabled)
+        return sandbox_backend == "docker" or bool(self.cgroup_root or os.environ.get(CGROUP_ROOT_ENV))
 
 
 @dataclass(frozen=True)
@@ -301,22 +335,155 @@ class ToolCallStats:
 
 
 @dataclass
+class LimitChange:
+    """One limit the shim set: what was decided (``event``, ``decided_s``, ``requested_bytes``) and
+    when the kernel had it (``applied_s``, ``applied_bytes``); monotonic seconds. For a Docker
+    sandbox ``applied_s - decided_s`` is the engine's round trip (``docker update``)."""
+
+    event: str
+    decided_s: float
+    applied_s: float
+    requested_bytes: int
+    applied_bytes: int
+
+    @property
+    def latency_s(self) -> float:
+        return self.applied_s - self.decided_s
+
+
+@dataclass
 class ShimRolloutSummary:
     """What the shim did for one rollout (bytes, seconds).
 
-    ``decisions`` is the ordered log of ``(monotonic time, event, memory.high bytes)``.
+    ``decisions`` is the ordered log of ``(monotonic time, event, limit bytes)``; ``limit_changes``
+    the limits written, with their latency; ``memory_kills`` the commands the shim killed at
+    ``hard_max_bytes`` (a paused Docker sandbox has no OOM killer); ``paused_s`` the time polls found
+    it asleep at its limit (waiting for a grant); ``peak_usage_bytes`` the
+    highest usage a poll read; ``samples`` ``(monotonic time, usage, limit, phase)`` per poll
+    when ``trace_dir`` is set.
     """
 
     rollout_id: str
+    policy: str = "phase"
     admission_wait_s: float = 0.0
     tool_calls: list[ToolCallStats] = field(default_factory=list)
     queued_s: float = 0.0
     final_stats: CgroupStats | None = None
     decisions: list[tuple[float, str, int]] = field(default_factory=list)
+    limit_changes: list[LimitChange] = field(default_factory=list)
+    memory_kills: int = 0
+    peak_usage_bytes: int = 0
+    paused_s: float = 0.0  # polls that found the sandbox asleep at its limit x the poll period
+    admitted_s: float = 0.0  # monotonic
+    released_s: float = 0.0
+    admitted_at: float = 0.0  # wall clock (time.time()), for lining rollouts up across a run
+    released_at: float = 0.0
+    samples: list[tuple[float, int, int, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The rollout record's ``shim`` entry (JSON-ready; bytes and seconds)."""
+        lat = sorted(c.latency_s for c in self.limit_changes)
+        return {
+            "policy": self.policy,
+            "admission_wait_s": round(self.admission_wait_s, 4),
+            "queued_s": round(self.queued_s, 4),
+            "paused_s": round(self.paused_s, 3),
+            "tool_calls": len(self.tool_calls),
+            "limit_changes": len(self.limit_changes),
+            "limit_latency_p50_s": round(lat[len(lat) // 2], 4) if lat else None,
+            "limit_latency_max_s": round(lat[-1], 4) if lat else None,
+            "memory_kills": self.memory_kills,
+            "peak_usage_bytes": self.peak_usage_bytes,
+            "lease_s": round(max(0.0, self.released_s - self.admitted_s), 3),
+            "admitted_at": round(self.admitted_at, 3),
+            "released_at": round(self.released_at, 3),
+        }
+
+
+class LimitTarget(Protocol):
+    """What a lease moves: a cgroup's ``memory.high`` or a container's limit (``sandbox.docker_limits``).
+
+    ``slow`` targets (an engine round trip) are written from the lease's own writer thread, so
+    phase events never wait for them."""
+
+    slow: bool
+
+    def usage(self) -> int: ...
+    def set_limit(self, nbytes: int) -> int: ...
+
+
+class _CgroupTarget:
+    """A group of the shim's cgroup controller: the phase limit is ``memory.high`` (microsecond writes)."""
+
+    slow = False
+
+    def __init__(self, controller: CgroupController, group: Path):
+        self.controller, self.group = controller, group
+
+    def usage(self) -> int:
+        return self.controller.stats(self.group).memory_current or 0
+
+    def set_limit(self, nbytes: int) -> int:
+        self.controller.set_memory(self.group, MemoryLimits(high=nbytes))
+        return nbytes
+
+
+class _LimitWriter:
+    """One thread per slow target applying the newest decided limit (older ones are skipped:
+    only the last decision matters), recording each write's latency."""
+
+    def __init__(self, target: LimitTarget, record: Callable[[LimitChange], None]):
+        self._target, self._record = target, record
+        self._want: tuple[str, float, int] | None = None
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name="shim-limit-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, event: str, decided_s: float, nbytes: int) -> None:
+        with self._cond:
+            self._want = (event, decided_s, nbytes)
+            self._busy = True
+            self._cond.notify()
+
+    @property
+    def pending(self) -> bool:
+        """Whether a decided limit has not reached the target yet."""
+        return self._busy
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._want is None and not self._stopped:
+                    self._cond.wait()
+                if self._want is None:
+                    return
+                event, decided, nbytes = self._want
+                self._want = None
+            try:
+                applied = self._target.set_limit(nbytes)
+            except Exception as exc:
+                logger.warning("shim: limit %d B (%s) not applied: %s", nbytes, event, exc)
+                continue
+            finally:
+                with self._cond:
+                    self._busy = self._want is not None
+            self._record(LimitChange(event, decided, time.monotonic(), nbytes, int(applied)))
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Apply what is pending, then stop (blocking)."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout_s)
 
 
 class RolloutLease:
-    """One admitted rollout's cgroup and its phase-driven limits (see module docstring).
+    """One admitted rollout's limits, moved with its phase (see module docstring).
+
+    The limits live on a cgroup of the shim's controller (``cgroup_path``, from admission) or on
+    a target bound once it exists (``bind``: a Docker sandbox's container).
 
     Attributes:
         rollout_id: the rollout's id.
@@ -330,7 +497,7 @@ class RolloutLease:
         self.policy = shim.policy
         self.rollout_id = rollout_id
         self.cgroup_path = group
-        self.summary = ShimRolloutSummary(rollout_id=rollout_id)
+        self.summary = ShimRolloutSummary(rollout_id=rollout_id, policy=self.settings.policy)
         self.phase = "inference"
         self.reservation = self.settings.baseline_bytes  # held in the pool besides the grant
         self.grant = 0
@@ -341,6 +508,65 @@ class RolloutLease:
         self._queued_since: float | None = None
         self._lock = threading.RLock()
         self._closed = False
+        self._target: LimitTarget | None = None
+        self._writer: _LimitWriter | None = None
+        self._monitor: asyncio.Task | None = None
+        if group is not None:
+            self._target = _CgroupTarget(shim.controller, group)
+
+    # -- what a sandbox is created with --------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        """Whether this lease moves limits (the shim is on)."""
+        return self.shim.enabled
+
+    def container_limit_bytes(self, default: int) -> int:
+        """The memory limit a Docker sandbox starts with: the reservation (phase, reactive), the
+        static limit, or ``default`` when the shim is off."""
+        return min(int(self.reservation), int(default)) if self.active else int(default)
+
+    @property
+    def pauses_at_limit(self) -> bool:
+        """Whether the sandbox should sleep at its limit instead of OOM-killing (``--oom-kill-disable``):
+        the phase policy raises the limit (or queues for it) when a tool reaches it."""
+        return self.active and self.settings.policy == "phase"
+
+    async def bind(self, target: LimitTarget, hard_max_bytes: int | None = None) -> None:
+        """Move ``target``'s limit from now on (a sandbox that exists only after admission); starts
+        the monitor. ``hard_max_bytes``: a lower hard cap than the settings' (the sandbox's own)."""
+        if not self.active or self._closed:
+            return
+        with self._lock:
+            self._target = target
+            if hard_max_bytes is not None:
+                self._hard_max = min(self.settings.hard_max_bytes, int(hard_max_bytes))
+            if getattr(target, "slow", False):
+                self._writer = _LimitWriter(target, self._record_change)
+        self._start_monitor()
+
+    @property
+    def hard_max(self) -> int:
+        return getattr(self, "_hard_max", self.settings.hard_max_bytes)
+
+    def _start_monitor(self) -> None:
+        if self._monitor is None:
+            self._monitor = asyncio.get_running_loop().create_task(self._monitor_loop())
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.monitor_interval_s)
+            # A usage read is one small file: cheap, but kept off the event loop anyway.
+            await asyncio.to_thread(self.poll)
+
+    async def _stop(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._monitor
+        self.close()
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.close)
 
     # -- process placement ---------------------------------------------------------------------
 
@@ -361,7 +587,8 @@ class RolloutLease:
     def on_phase(self, phase: str) -> None:
         """The proxy's hook: ``"tool"`` when a response leaves, ``"inference"`` when a request arrives.
 
-        Quick (a few small file writes); never raises (errors are logged).
+        Quick (pool bookkeeping, plus a few small file writes or a hand-off to the writer thread);
+        never raises (errors are logged). Only the phase policy acts on it.
         """
         try:
             with self._lock:
@@ -369,6 +596,8 @@ class RolloutLease:
                     return
                 self.phase = phase
                 self._epoch += 1
+                if self.settings.policy != "phase":
+                    return
                 if phase == "tool":
                     self._start_tool()
                 elif phase == "inference":
@@ -379,20 +608,41 @@ class RolloutLease:
             logger.exception("rollout %s: shim decision for phase %r failed", self.rollout_id, phase)
 
     def poll(self) -> None:
-        """Grow the grant when usage reached the limit (called every ``monitor_interval_s``).
+        """Read usage and act on it (called every ``monitor_interval_s``): the phase policy grows a
+        grant at its limit and shrinks an unused one; the reactive policy follows usage; a sandbox
+        that sleeps at the hard cap has its commands killed.
 
         Runs in both phases: a tool that outgrows its grant, or a baseline that grew
         (retry loops keep memory), asks the pool for more instead of staying throttled.
         """
         with self._lock:
-            if self._closed or self._waiter is not None:
+            if self._closed or self._target is None:
                 return
             usage = self._usage()
+            limit = self.reservation + self.grant
+            now = time.monotonic()
+            self.summary.peak_usage_bytes = max(self.summary.peak_usage_bytes, usage)
+            if self.settings.trace_dir:
+                self.summary.samples.append((now, usage, min(limit, self.hard_max), self.phase))
             if self.phase == "tool" and self.summary.tool_calls:
                 call = self.summary.tool_calls[-1]
                 call.peak_bytes = max(call.peak_bytes, usage)
-            limit = self.reservation + self.grant
-            now = time.monotonic()
+            paused = getattr(self._target, "under_oom", lambda: False)()
+            if paused:
+                # Tasks sleep at the limit: tool time lost until a grant (or the hard-cap kill) arrives.
+                self.summary.paused_s += self.settings.monitor_interval_s
+            if limit >= self.hard_max and paused:
+                # The hard cap is reached with the OOM killer off: end the commands as it would have.
+                killed = self._target.kill_commands()
+                if killed:
+                    self.summary.memory_kills += 1
+                    self._log("hard_max:killed", limit)
+                return
+            if self.settings.policy == "reactive":
+                self._follow_usage(usage, limit)
+                return
+            if self.settings.policy != "phase" or self._waiter is not None:
+                return
             if self.policy.grant_unused(usage, limit, self.grant):
                 # The burst is over but the call goes on: return the unused grant.
                 self._idle_since = self._idle_since or now
@@ -403,24 +653,42 @@ class RolloutLease:
                     self._idle_since = None
                 return
             self._idle_since = None
-            if not self.policy.needs_growth(usage, limit):
+            if self._writer is not None and self._writer.pending:
+                return  # a raise is on its way: asleep at the old limit is not a reason to ask again
+            if not (paused or self.policy.needs_growth(usage, limit)):
                 return
-            extra = int(self.policy.growth(self.grant, limit))
+            extra = int(min(self.policy.growth(self.grant, limit), self.hard_max - limit))
             if extra <= 0:
                 return
             self._request(extra, "grow")
 
+    def _follow_usage(self, usage: int, limit: int) -> None:
+        """The reactive baseline: limit = headroom x usage (at least the baseline), from the pool."""
+        want = max(self.settings.baseline_bytes, int(self.settings.reactive_headroom * usage))
+        want = min(want, self.hard_max)
+        if want > limit:
+            if self.shim.pool.try_reserve(self.rollout_id, want - limit):
+                self.reservation = want
+                self._apply_high(want, "react:grow")
+        elif want < 0.8 * limit:  # hysteresis: no write per poll for small moves
+            self.reservation = want
+            self.shim.pool.set_reservation(self.rollout_id, want)
+            self._apply_high(want, "react:shrink")
+
     def _start_tool(self) -> None:
         self.summary.tool_calls.append(ToolCallStats(start_s=time.monotonic()))
-        self._request(int(self.policy.tool_grant(self.largest_tool_bytes, self.reservation)), "tool")
+        grant = int(min(self.policy.tool_grant(self.largest_tool_bytes, self.reservation),
+                        self.hard_max - self.reservation))
+        if grant > 0:
+            self._request(grant, "tool")
 
     def _request(self, amount: int, why: str) -> None:
         pool = self.shim.pool
         if pool.try_reserve(self.rollout_id, amount):
             self._granted(amount, why)
             return
-        # Short pool: keep running under memory.high at the current level (throttled, not
-        # killed) and wait for the bytes in FIFO order.
+        # Short pool: keep running under the current limit (throttled or paused, not killed) and
+        # wait for the bytes in FIFO order.
         self._queued_since = time.monotonic()
         self._log(f"{why}:queued", self.reservation + self.grant)
         epoch = self._epoch
@@ -469,15 +737,24 @@ class RolloutLease:
         self._apply_high(self.reservation, "inference")
 
     def _apply_high(self, high: int, event: str) -> None:
-        high = min(high, self.settings.hard_max_bytes)
+        high = min(high, self.hard_max)
         self._log(event, high)
-        if self.cgroup_path is not None:
-            self.shim.controller.set_memory(self.cgroup_path, MemoryLimits(high=high))
+        if self._target is None:
+            return
+        now = time.monotonic()
+        if self._writer is not None:
+            self._writer.submit(event, now, high)
+        else:
+            applied = self._target.set_limit(high)
+            self._record_change(LimitChange(event, now, time.monotonic(), high, int(applied)))
+
+    def _record_change(self, change: LimitChange) -> None:
+        self.summary.limit_changes.append(change)
 
     def _usage(self) -> int:
-        if self.cgroup_path is None:
+        if self._target is None:
             return 0
-        return self.shim.controller.stats(self.cgroup_path).memory_current or 0
+        return int(self._target.usage())
 
     def _log(self, event: str, high: int) -> None:
         self.summary.decisions.append((time.monotonic(), event, int(high)))
@@ -491,26 +768,50 @@ class RolloutLease:
                 self._waiter = None
             self._closed = True
 
+    def write_trace(self, directory: str | os.PathLike[str]) -> Path | None:
+        """Write ``summary.samples`` as ``<directory>/<rollout_id>.jsonl`` (rows of ``t`` seconds
+        from admission, ``rss``/``sandbox_rss`` usage bytes, ``limit`` bytes, ``phase``), the format
+        ``sandbox.simulate.load_recorded`` replays, and ``at``, wall-clock seconds); None when there
+        is no sample. Blocking."""
+        if not self.summary.samples:
+            return None
+        path = Path(directory) / f"{self.rollout_id}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        t0, wall0 = self.summary.admitted_s, self.summary.admitted_at
+        rows = (json.dumps({"t": round(t - t0, 4), "at": round(wall0 + t - t0, 4), "rss": u, "sandbox_rss": u,
+                            "limit": lim, "phase": ph})
+                for t, u, lim, ph in self.summary.samples)
+        path.write_text("\n".join(rows) + "\n")
+        return path
+
 
 class ResourceShim:
-    """Admission, pool and per-rollout leases over one cgroup controller (see module docstring)."""
+    """Admission, pool and per-rollout leases over one cgroup controller (see module docstring).
 
-    def __init__(self, settings: ShimSettings, controller: CgroupController | None = None):
+    Args:
+        settings: its configuration; ``enabled=None`` resolves through ``sandbox_backend``
+            (``ShimSettings.resolved_enabled``).
+        sandbox_backend: the sandboxes' backend (``local`` | ``docker``).
+    """
+
+    def __init__(self, settings: ShimSettings, controller: CgroupController | None = None, *,
+                 sandbox_backend: str = "local"):
         self.settings = settings
         self.policy = ShimPolicy.from_settings(settings)
-        if settings.enabled:
+        self._enabled = settings.resolved_enabled(sandbox_backend)
+        if self._enabled and sandbox_backend != "docker":
             root = settings.cgroup_root or os.environ.get(CGROUP_ROOT_ENV) or None
             self.controller = controller or make_controller(settings.cgroup_backend, root)
         else:
-            self.controller = NoopController()
+            self.controller = controller if (controller is not None and self._enabled) else NoopController()
         self.pool = MemoryPool(settings.resolved_pool_bytes())
-        if settings.enabled and settings.baseline_bytes + settings.burst_min_bytes > self.pool.capacity:
+        if self._enabled and settings.baseline_bytes + settings.burst_min_bytes > self.pool.capacity:
             raise ValueError("shim pool cannot hold one rollout's baseline plus its minimum burst")
         self.leases: dict[str, RolloutLease] = {}
 
     @classmethod
-    def from_settings(cls, settings: ShimSettings | dict | None) -> ResourceShim:
-        """Build from a ``ShimSettings``, a plain dict of its fields, or None (disabled).
+    def from_settings(cls, settings: ShimSettings | dict | None, *, sandbox_backend: str = "local") -> ResourceShim:
+        """Build from a ``ShimSettings``, a plain dict of its fields, or None (auto).
 
         Raises:
             TypeError: an unknown field name in the dict.
@@ -519,24 +820,25 @@ class ResourceShim:
             settings = ShimSettings()
         elif isinstance(settings, dict):
             settings = ShimSettings(**settings)
-        return cls(settings)
+        return cls(settings, sandbox_backend=sandbox_backend)
 
     @property
     def enabled(self) -> bool:
-        return self.settings.enabled
+        return self._enabled
 
     @contextlib.asynccontextmanager
     async def rollout(self, rollout_id: str) -> AsyncIterator[RolloutLease]:
         """Admit a rollout (waiting for its baseline), create and limit its group; undo all on exit.
 
         On exit (normal, exception or cancellation) the group's processes are killed,
-        the group removed, and the rollout's pool bytes released.
+        the group removed, the rollout's pool bytes released and, with ``trace_dir``, its trace
+        written.
 
         Raises:
             AdmissionTimeout: the baseline could not be reserved in ``admission_timeout_s``.
         """
         s = self.settings
-        if not s.enabled:
+        if not self._enabled:
             lease = RolloutLease(self, rollout_id, None)
             lease._closed = True
             yield lease
@@ -544,23 +846,22 @@ class ResourceShim:
         start = time.monotonic()
         await self._admit(rollout_id)
         lease: RolloutLease | None = None
-        monitor: asyncio.Task | None = None
         try:
             group = await asyncio.to_thread(self._create_group, rollout_id)
             lease = RolloutLease(self, rollout_id, group)
-            lease.summary.admission_wait_s = time.monotonic() - start
+            lease.summary.admitted_s = time.monotonic()
+            lease.summary.admitted_at = time.time()
+            lease.summary.admission_wait_s = lease.summary.admitted_s - start
             lease._log("admit", s.baseline_bytes)
             self.leases[rollout_id] = lease
             if group is not None:
-                monitor = asyncio.create_task(self._monitor(lease))
+                lease._start_monitor()
             yield lease
         finally:
-            if monitor is not None:
-                monitor.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await monitor
             if lease is not None:
-                lease.close()
+                await asyncio.shield(lease._stop())
+                lease.summary.released_s = time.monotonic()
+                lease.summary.released_at = time.time()
                 self.leases.pop(rollout_id, None)
                 await asyncio.shield(asyncio.to_thread(self._finish, lease))
             self.pool.release_all(rollout_id)
@@ -602,18 +903,17 @@ class ResourceShim:
         return group
 
     def _finish(self, lease: RolloutLease) -> None:
+        if self.settings.trace_dir:
+            try:
+                lease.write_trace(self.settings.trace_dir)
+            except OSError as exc:
+                logger.warning("rollout %s: trace not written: %s", lease.rollout_id, exc)
         if lease.cgroup_path is None:
             return
         try:
             lease.summary.final_stats = self.controller.stats(lease.cgroup_path)
         finally:
             self.controller.remove(lease.cgroup_path)
-
-    async def _monitor(self, lease: RolloutLease) -> None:
-        while True:
-            await asyncio.sleep(self.settings.monitor_interval_s)
-            # A stats read is one small file: cheap, but kept off the event loop anyway.
-            await asyncio.to_thread(lease.poll)
 
     def reap_stale_groups(self, live_rollout_ids: set[str] | None = None) -> list[Path]:
         """Remove our groups not belonging to a live lease (left by a crashed run); returns them."""

@@ -357,11 +357,17 @@ def replay_reactive(
 
 
 def replay_ours(
-    traces: list[Trace], offsets_s: np.ndarray, dt: float, *, budget: float | None, params: ShimSettings | None = None
+    traces: list[Trace], offsets_s: np.ndarray, dt: float, *, budget: float | None, params: ShimSettings | None = None,
+    write_latency_s: float = 0.0,
 ) -> PolicyResult:
     """The shim's policy (module docstring), decided by the shim's own ``ShimPolicy`` in MiB;
-    ``budget=None`` = an unbounded pool; ``params``: the shim's settings (default ``ShimSettings()``)."""
+    ``budget=None`` = an unbounded pool; ``params``: the shim's settings (default ``ShimSettings()``);
+    ``write_latency_s``: a decided limit reaches the kernel this much later (a Docker sandbox's
+    ``docker update`` round trip, measured live: ``LimitChange.latency_s``; a cgroup file write: 0).
+    While a raise is in flight the sandbox stalls at the old limit and asks for nothing more."""
     prm = ShimPolicy.from_settings(params or ShimSettings(), unit=MiB)
+    lag_steps = int(round(write_latency_s / dt))
+    history: deque[np.ndarray] = deque(maxlen=lag_steps + 1)
     n, offs, lens, T = _layout(traces, offsets_s, dt)
     pool = float("inf") if budget is None else float(budget)
     flat_mem, flat_tool, starts = _flat(traces)
@@ -444,13 +450,17 @@ def replay_ours(
         if queue:
             serve()
         limit = reservation + grant
-        over = running & (demand > limit)
+        history.append(limit.copy())
+        applied = history[0]  # what the kernel has: the limit decided lag_steps ago
+        over = running & (demand > applied)
         killed = running & (demand > prm.hard_max)
         kills += int(killed.sum())
         stall = over & ~killed
         any_stall = stall.any()
-        # The monitor (every monitor_interval_s): usage at the limit asks for a larger grant.
-        near = running & ~waiting & ~killed & prm.needs_growth(demand, limit)
+        # The monitor (every monitor_interval_s): usage at the limit asks for a larger grant,
+        # unless a raise is still on its way to the kernel.
+        in_flight = applied < limit
+        near = running & ~waiting & ~killed & ~in_flight & (prm.needs_growth(demand, limit) | over)
         near_for = np.where(near, near_for + 1, 0)
         for i in np.flatnonzero(near_for >= monitor_steps) if near.any() else ():
             near_for[i] = 0
@@ -514,14 +524,15 @@ def fits(r: PolicyResult, slowdown_target: float) -> bool:
     return r.oom_kills == 0 and r.queued_s == 0 and r.slowdown <= slowdown_target
 
 
-def min_pool_for(traces, offsets, dt, *, slowdown_target: float, lo: float, hi: float, params=None, iters: int = 6):
+def min_pool_for(traces, offsets, dt, *, slowdown_target: float, lo: float, hi: float, params=None, iters: int = 6,
+                 write_latency_s: float = 0.0):
     """Smallest pool (MiB) where ``ours`` has zero OOM kills and slowdown <= target (bisection)."""
-    best = replay_ours(traces, offsets, dt, budget=hi, params=params)
+    best = replay_ours(traces, offsets, dt, budget=hi, params=params, write_latency_s=write_latency_s)
     if not fits(best, slowdown_target):
         return None, best
     for _ in range(iters):
         mid = (lo + hi) / 2
-        r = replay_ours(traces, offsets, dt, budget=mid, params=params)
+        r = replay_ours(traces, offsets, dt, budget=mid, params=params, write_latency_s=write_latency_s)
         if fits(r, slowdown_target):
             hi, best = mid, r
         else:
@@ -537,11 +548,12 @@ def sample_set(bank: list[Trace], n: int, rng: np.random.Generator, start_spread
 
 def evaluate(bank: list[Trace], *, label: str, n: int, dt: float, budget_gib: float | None, delays_ms: list[int],
              slowdown_target: float, machine_gib: float, seed: int, start_spread_s: float, max_n: int = 2048,
-             params: ShimSettings | None = None, reactive_floor: float = 256.0) -> dict:
+             params: ShimSettings | None = None, reactive_floor: float = 256.0, write_latency_s: float = 0.0) -> dict:
     """All numbers for one trace set at concurrency ``n`` (see module docstring).
 
     ``params``: the shim's settings (default ``ShimSettings()``); ``reactive_floor``: the
-    reactive controller's smallest limit, MiB.
+    reactive controller's smallest limit, MiB; ``write_latency_s``: the shim's limit writes' latency
+    (``replay_ours``).
     """
     params = params or ShimSettings()
     rng = np.random.default_rng(seed)
@@ -556,14 +568,16 @@ def evaluate(bank: list[Trace], *, label: str, n: int, dt: float, budget_gib: fl
     d = max(delays_ms)
     results[f"reactive-high-{d}ms"] = replay_reactive(traces, offsets, dt, delay_s=d / 1000, budget=None, mode="high",
                                                        floor=reactive_floor)
-    results["ours-unbounded"] = replay_ours(traces, offsets, dt, budget=None, params=params)
+    results["ours-unbounded"] = replay_ours(traces, offsets, dt, budget=None, params=params,
+                                            write_latency_s=write_latency_s)
     pool, at_pool = min_pool_for(traces, offsets, dt, slowdown_target=slowdown_target, params=params,
+                                 write_latency_s=write_latency_s,
                                  lo=0.0, hi=max(peak.provisioned_mib, results["ours-unbounded"].provisioned_mib))
     results["ours"] = at_pool
     at_budget = {
         "static-peak": replay_static(traces, offsets, dt, which="peak", budget=budget),
         "static-mean": replay_static(traces, offsets, dt, which="mean", budget=budget),
-        "ours": replay_ours(traces, offsets, dt, budget=budget, params=params),
+        "ours": replay_ours(traces, offsets, dt, budget=budget, params=params, write_latency_s=write_latency_s),
     }
     for d in delays_ms:
         at_budget[f"reactive-max-{d}ms"] = replay_reactive(traces, offsets, dt, delay_s=d / 1000, budget=budget,
@@ -590,13 +604,14 @@ def evaluate(bank: list[Trace], *, label: str, n: int, dt: float, budget_gib: fl
     k = max(1, int(round(0.05 / dt)))
     coarse = [Trace(t.mem[::k], t.tool[::k], t.name) for t in bank]
     summary["largest_n"] = largest_n(coarse, dt=dt * k, machine_gib=machine_gib, slowdown_target=slowdown_target,
-                                     seed=seed, start_spread_s=start_spread_s, n_max=max_n, params=params)
+                                     seed=seed, start_spread_s=start_spread_s, n_max=max_n, params=params,
+                                     write_latency_s=write_latency_s)
     summary["largest_n"]["dt_s"] = dt * k
     return summary
 
 
 def largest_n(bank, *, dt, machine_gib, slowdown_target, seed, start_spread_s, n_max: int = 2048,
-              params: ShimSettings | None = None) -> dict:
+              params: ShimSettings | None = None, write_latency_s: float = 0.0) -> dict:
     """Largest concurrency fitting ``machine_gib``: static-peak by sum of peaks, ours by replay
     (zero OOM kills and slowdown <= target with the machine as the pool), bisection on N."""
     cap = machine_gib * GB
@@ -609,7 +624,8 @@ def largest_n(bank, *, dt, machine_gib, slowdown_target, seed, start_spread_s, n
     def ok(n: int) -> bool:
         rng = np.random.default_rng(seed + n)
         traces, offsets = sample_set(bank, n, rng, start_spread_s)
-        return fits(replay_ours(traces, offsets, dt, budget=cap, params=params), slowdown_target)
+        return fits(replay_ours(traces, offsets, dt, budget=cap, params=params, write_latency_s=write_latency_s),
+                    slowdown_target)
 
     start = max(1, out["static-peak"])
     if ok(start):
@@ -782,6 +798,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration-scale", type=float, default=1.0, help="scale synthetic rollout durations (speed)")
     ap.add_argument("--start-spread-s", type=float, default=60.0, help="rollout start offsets are uniform in [0, this)")
     ap.add_argument("--max-n", type=int, default=2048, help="upper end of the largest-N search")
+    ap.add_argument("--write-latency-ms", type=float, default=0.0,
+                    help="the shim's limit writes reach the kernel this much later (Docker: ~40 ms), ms")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="docs/resource_shim_replay", help="output prefix (.json, .png, .md)")
     args = ap.parse_args(argv)
@@ -807,7 +825,8 @@ def main(argv: list[str] | None = None) -> int:
         summaries.append(evaluate(bank, label=f"recorded ({Path(args.traces).name}, {args.memory})", n=args.n, dt=dt,
                                   budget_gib=args.budget_gib, delays_ms=delays, slowdown_target=args.slowdown_target,
                                   machine_gib=args.machine_gib, seed=args.seed, start_spread_s=args.start_spread_s,
-                                  max_n=args.max_n, params=params, reactive_floor=args.reactive_floor_mib))
+                                  max_n=args.max_n, params=params, reactive_floor=args.reactive_floor_mib,
+                                  write_latency_s=args.write_latency_ms / 1000))
         print(markdown(summaries[-1:]), flush=True)
     if not summaries:
         ap.error("nothing to replay: give --traces or drop --no-synthetic")

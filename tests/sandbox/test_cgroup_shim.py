@@ -342,3 +342,103 @@ async def test_unused_grant_is_returned_inside_a_long_tool(fakefs):
         assert (group / "memory.high").read_text() == str(375 * MiB)  # 1.25 x usage, not below it
         assert shim.pool.reserved == {"a": 375 * MiB}
         assert [e for _, e, _ in lease.summary.decisions][-1] == "shrink"
+
+
+class _Target:
+    """An in-memory stand-in for a container's memory (the real one: tests/sandbox/test_shim_docker.py)."""
+
+    def __init__(self, *, slow: bool, write_s: float = 0.0):
+        self.slow, self.write_s = slow, write_s
+        self.used = 0
+        self.writes: list[tuple[int, str]] = []
+
+    def usage(self) -> int:
+        return self.used
+
+    def set_limit(self, nbytes: int) -> int:
+        import threading
+        import time
+
+        time.sleep(self.write_s)
+        self.writes.append((nbytes, threading.current_thread().name))
+        return nbytes
+
+
+def _docker_shim(**overrides) -> ResourceShim:
+    settings = dict(enabled=True, pool_bytes=2048 * MiB, baseline_bytes=64 * MiB, burst_min_bytes=128 * MiB,
+                    hard_max_bytes=1024 * MiB, monitor_interval_s=3600)
+    return ResourceShim(ShimSettings(**{**settings, **overrides}), sandbox_backend="docker")
+
+
+def test_auto_enables_the_shim_where_it_can_enforce_limits(monkeypatch):
+    monkeypatch.delenv(CGROUP_ROOT_ENV, raising=False)
+    assert ShimSettings().resolved_enabled("docker") and not ShimSettings().resolved_enabled("local")
+    assert ShimSettings(cgroup_root="/x").resolved_enabled("local")
+    assert not ShimSettings(enabled=False).resolved_enabled("docker")
+    assert ResourceShim(ShimSettings(), sandbox_backend="docker").enabled
+    assert not ResourceShim(ShimSettings()).enabled
+    with pytest.raises(ValueError, match="policy"):
+        ShimSettings(policy="oracle")
+
+
+async def test_a_slow_targets_writes_leave_the_phase_event_at_once_and_the_newest_wins():
+    shim = _docker_shim()
+    target = _Target(slow=True, write_s=0.2)
+    async with shim.rollout("slow") as lease:
+        await lease.bind(target)
+        import time
+
+        t = time.monotonic()
+        lease.on_phase("tool")
+        lease.on_phase("inference")
+        lease.on_phase("tool")
+        assert time.monotonic() - t < 0.1  # three decisions, no engine round trip waited for
+    # Stopped: what was pending is applied, from the writer thread, the last decision last.
+    assert target.writes[-1][0] == (64 + 128) * MiB
+    assert {name for _, name in target.writes} == {"shim-limit-writer"}
+    assert len(target.writes) < 3  # a decision overtaken while a write was in flight is skipped
+    assert all(c.latency_s >= 0.2 for c in lease.summary.limit_changes)
+
+
+async def test_the_static_and_reactive_baselines():
+    static = _docker_shim(policy="static", baseline_bytes=300 * MiB)
+    async with static.rollout("s") as lease:
+        target = _Target(slow=False)
+        await lease.bind(target)
+        assert lease.container_limit_bytes(1024 * MiB) == 300 * MiB and not lease.pauses_at_limit
+        lease.on_phase("tool")
+        target.used = 500 * MiB
+        lease.poll()
+        lease.on_phase("inference")
+        assert target.writes == [] and static.pool.reserved["s"] == 300 * MiB
+
+    reactive = _docker_shim(policy="reactive", pool_bytes=512 * MiB)
+    async with reactive.rollout("r") as lease:
+        target = _Target(slow=False)
+        await lease.bind(target)
+        target.used = 200 * MiB
+        lease.poll()
+        assert target.writes[-1][0] == 240 * MiB and reactive.pool.reserved["r"] == 240 * MiB
+        target.used = 600 * MiB  # more than the pool: the limit stays where it is (an OOM kill follows)
+        lease.poll()
+        assert target.writes[-1][0] == 240 * MiB
+        target.used = 10 * MiB
+        lease.poll()
+        assert target.writes[-1][0] == 64 * MiB and reactive.pool.reserved["r"] == 64 * MiB
+
+
+async def test_a_traced_rollout_replays(tmp_path):
+    from sandbox.simulate import load_recorded
+
+    shim = _docker_shim(trace_dir=str(tmp_path))
+    async with shim.rollout("traced") as lease:
+        target = _Target(slow=False)
+        await lease.bind(target)
+        for used, phase in [(5, "inference"), (5, "tool"), (300, "tool"), (20, "inference"), (20, "inference")]:
+            lease.on_phase(phase)
+            target.used = used * MiB
+            lease.poll()
+            await asyncio.sleep(0.05)  # rows 50 ms apart, as the monitor's
+    (trace,) = load_recorded(tmp_path, dt=0.01)
+    assert trace.name == "traced" and trace.peak == pytest.approx(300, rel=0.05)
+    assert trace.tool.any() and not trace.tool.all()

@@ -106,6 +106,10 @@ def test_policies_on_a_known_spike():
     # With a pool for one burst only, ours queues/throttles instead of killing.
     tight = replay_ours(traces, offsets, dt, budget=4 * 256 + 2048, params=ShimSettings())
     assert tight.oom_kills == 0 and tight.throttled_s > ours.throttled_s
+    # Limits that reach the kernel 100 ms late (an engine round trip) stall each growth step
+    # longer, and never kill: the sandbox sleeps at the old limit.
+    late = replay_ours(traces, offsets, dt, budget=None, write_latency_s=0.1)
+    assert late.oom_kills == 0 and late.throttled_s > ours.throttled_s + 4 * 0.1
 
 
 def test_synthetic_traces_follow_seed_001():
