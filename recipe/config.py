@@ -124,7 +124,7 @@ class SandboxSettings:
     # or "clone" (a new clone and checkout per rollout).
     work_tree: str = "auto"
     max_prepared_trees: int = 64
-    # Resource shim (sandbox/shim.py); off unless `enabled: true` and a cgroup root exists.
+    # Resource shim (sandbox/shim.py); `enabled: null` (auto) = on for backend=docker or with a cgroup root.
     shim: ShimSettings = field(default_factory=ShimSettings)
     # Containers of the docker backend (sandbox/docker_sandbox.py).
     docker: DockerSettings = field(default_factory=DockerSettings)

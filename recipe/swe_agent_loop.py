@@ -48,6 +48,7 @@ from recipe.runners.mini_swe_agent import MiniSweAgent
 from recipe.runners.swe_agent import docker_deployment, swe_agent_for
 from recipe.trajectory import TrajectoryRecord, append_record
 from recipe.worker_resources import WorkerResources
+from sandbox.docker_limits import bind_container_limits
 from sandbox.docker_rollout import DockerRolloutSandbox, image_tree_copier
 from sandbox.local import LocalSandbox, PatchTooLarge, SandboxError
 
@@ -118,6 +119,8 @@ class RolloutInfo:
     limits_hit: list[str] = field(default_factory=list)
     # Seconds per phase of the rollout (recipe.phases.PHASES), summing to "total" (= total_s).
     phases: dict[str, float] = field(default_factory=dict)
+    # What the resource shim did (sandbox.shim.ShimRolloutSummary.to_dict); empty with the shim off.
+    shim: dict[str, Any] = field(default_factory=dict)
 
 
 def reward_extra_info(extra: dict[str, Any]) -> dict[str, float]:
@@ -302,6 +305,7 @@ class SWEAgentLoop(AgentLoopBase):
         # Which part failed decides the status of an unexpected exception.
         stage = ExitStatus.SANDBOX_ERROR
         cleanup = contextlib.AsyncExitStack()
+        lease = None
         try:
             # The shim admits the rollout from its memory pool (waiting, not OOMing, when short).
             lease = await cleanup.enter_async_context(resources.shim().rollout(info.rollout_id))
@@ -313,7 +317,11 @@ class SWEAgentLoop(AgentLoopBase):
                 sandbox = await DockerRolloutSandbox.create_in_docker(
                     task, factory=await resources.docker(), parent_dir=settings.parent_dir,
                     rollout_id=info.rollout_id, jail=settings.jail_spec(), trees=trees, work_tree=work_tree,
+                    memory_bytes=lease.container_limit_bytes(settings.docker.memory_bytes),
+                    oom_kill_disable=lease.pauses_at_limit,
                 )
+                # From here the shim moves the container's limit with the agent's phase.
+                await bind_container_limits(lease, sandbox.container, settings.docker.memory_bytes)
             elif self._sweagent_in_docker:
                 # SWE-ReX's container gets the host tree mounted; its commands run there, as its root.
                 sandbox = await LocalSandbox.create(
@@ -389,6 +397,10 @@ class SWEAgentLoop(AgentLoopBase):
                 await sandbox.teardown()
             await asyncio.shield(cleanup.aclose())  # release the cgroup and pool bytes last
             clock.lap("teardown")
+            if lease is not None and lease.active:
+                info.shim = lease.summary.to_dict()
+                # Commands the shim ended at the hard cap (the container's OOM killer is off under it).
+                info.limits_hit += ["oom_kill"] * lease.summary.memory_kills
         if session is None or agent is None:
             return await self._output_without_session(raw_prompt, info, clock)
 

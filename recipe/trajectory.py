@@ -48,6 +48,8 @@ class TrajectoryRecord(BaseModel):
     limits_hit: list[str] = Field(default_factory=list)  # sandbox limits the agent's commands hit
     # Seconds per phase (recipe.phases.PHASES) summing to "total"; empty in records older than them.
     phases: dict[str, float] = Field(default_factory=dict)
+    # What the resource shim did (sandbox.shim.ShimRolloutSummary.to_dict); empty with the shim off.
+    shim: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
     def from_output(
@@ -93,6 +95,7 @@ class TrajectoryRecord(BaseModel):
             split=extra.get("split", ""),
             limits_hit=list(extra.get("limits_hit") or []),
             phases=dict(extra.get("phases") or {}),
+            shim=dict(extra.get("shim") or {}),
         )
 
     def prediction(self, model_name: str) -> dict[str, str]:

@@ -54,6 +54,7 @@ class WorkerResources:
             "host": config.proxy.host, "port": config.proxy.port, "freeze_gc": config.proxy.freeze_gc,
         }
         self._shim_settings = dataclasses.replace(config.sandbox.shim)
+        self._sandbox_backend = config.sandbox.backend
         self._docker_settings = dataclasses.replace(config.sandbox.docker)
         self._docker: DockerSandboxFactory | None = None
         self._proxy_start: asyncio.Task[ModelProxyServer] | None = None
@@ -151,7 +152,7 @@ class WorkerResources:
         """The worker's resource shim (its one memory pool), made on first use."""
         self._refuse_if_closed()
         if self._shim is None:
-            self._shim = ResourceShim(self._shim_settings)
+            self._shim = ResourceShim(self._shim_settings, sandbox_backend=self._sandbox_backend)
         return self._shim
 
     async def docker(self) -> DockerSandboxFactory:

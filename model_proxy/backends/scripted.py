@@ -195,6 +195,8 @@ class ScriptedPolicyBackend:
         latency: emulated inference time per turn (``GenerationLatency``); None = answer at once.
         submit_tool: the name of a tool the agent submits with, called without arguments
             (SWE-agent: ``submit``); None = mini-swe-agent's submit command through ``bash``.
+        latency_key: seeds each turn's latency jitter instead of the request id, so runs with
+            new rollout ids get the same emulated timings (benchmarks comparing policies).
 
     Raises:
         ValueError: unknown ``mode``, a tokenizer without eos, or a submit tool in text mode.
@@ -207,6 +209,7 @@ class ScriptedPolicyBackend:
         mode: ScriptMode = "tool_call",
         latency: GenerationLatency | None = None,
         submit_tool: str | None = None,
+        latency_key: str | None = None,
     ) -> None:
         if mode not in ("tool_call", "text"):
             raise ValueError(f"mode must be 'tool_call' or 'text', got {mode!r}")
@@ -219,6 +222,7 @@ class ScriptedPolicyBackend:
         self.mode = mode
         self.latency = latency or GenerationLatency()
         self.submit_tool = submit_tool
+        self.latency_key = latency_key
         self._turns: dict[str, int] = defaultdict(int)
 
     def command_for_turn(self, turn: int) -> str:
@@ -252,5 +256,5 @@ class ScriptedPolicyBackend:
             token_ids = token_ids[: int(max_tokens)]
             stop_reason = "length"
         if self.latency.enabled:
-            await asyncio.sleep(self.latency.seconds(len(token_ids), key=f"{request_id}/{turn}"))
+            await asyncio.sleep(self.latency.seconds(len(token_ids), key=f"{self.latency_key or request_id}/{turn}"))
         return GenerationOutput(token_ids=token_ids, logprobs=[0.0] * len(token_ids), stop_reason=stop_reason)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -166,13 +167,20 @@ def sandboxed_environment(base_cls, spec):
             command = action.get("command", "")
             limit = int(timeout or self.config.timeout)
             argv = [*spec.command_prefix, "timeout", "-k", "5", str(limit), "bash", "-c", command]
+            started = time.monotonic()
             kept, total, returncode, killed = run_bounded(argv, cwd=cwd or spec.workdir, env=dict(spec.command_env),
                                                           timeout_s=limit + 15, max_bytes=spec.max_output_bytes)
+            elapsed = time.monotonic() - started
             text = kept.decode("utf-8", errors="replace")
             output = {"output": text, "returncode": returncode, "exception_info": ""}
-            if killed or returncode in (124, 137):
+            # 137 is also a SIGKILL from elsewhere (the OOM killer, the shim's hard cap): only a
+            # command that ran its time out timed out.
+            if killed or returncode == 124 or (returncode == 137 and elapsed >= 0.95 * limit):
                 LIMITS_HIT.append("command_timeout")
                 output.update(returncode=-1, exception_info=f"The command timed out after {limit} seconds and was killed.")
+            elif returncode == 137:
+                output.update(exception_info="The command was killed (SIGKILL), e.g. for using more memory than "
+                                             "the sandbox allows.")
             if total > len(kept):
                 LIMITS_HIT.append("output_truncated")
                 output["output"] = text + f"\n[output truncated: {total - len(kept)} more bytes not shown]"

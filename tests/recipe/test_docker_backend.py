@@ -71,6 +71,11 @@ async def test_reference_resolves_and_empty_does_not_with_commands_in_containers
     reference = await _run(tokenizer, rows, tmp_path, policy="reference")
     assert [e["resolved"] for e in reference] == [True] * len(rows), [e["error"] for e in reference]
     assert all(e["exit_status"] == "submitted" and e["model_patch"].startswith("diff --git") for e in reference)
+    # The resource shim is on by default for Docker sandboxes: each container's limit moved with
+    # the agent's phase through the engine, and nothing was killed for memory.
+    assert all(e["shim"]["policy"] == "phase" and e["shim"]["limit_changes"] >= 2 for e in reference), \
+        [e["shim"] for e in reference]
+    assert all(e["shim"]["memory_kills"] == 0 and "oom_kill" not in e["limits_hit"] for e in reference)
     empty = await _run(tokenizer, rows, tmp_path, policy="empty")
     assert [e["resolved"] for e in empty] == [False] * len(rows)
     _nothing_left(tmp_path)
@@ -85,6 +90,10 @@ async def test_commands_run_in_the_container_and_a_burst_is_an_oom_kill(rows, to
     extra = extras[0]
     assert extra["exit_status"] == "submitted", extra["error"]
     assert extra["limits_hit"].count("oom_kill") == 1  # recorded, not a hang and not a silent 0
+    assert extra["shim"]["memory_kills"] == 1  # at the container's cap, by the shim (its OOM killer is off)
+    # The agent is told its command was killed, not that it timed out.
+    assert "command_timeout" not in extra["limits_hit"]
+    assert any("was killed (SIGKILL)" in str(m.get("content")) for m in extra["messages"])
     patch = extra["model_patch"]
     assert "seen_net.txt" in patch and "+lo" in patch and "eth0" not in patch  # no network in there
     assert "docker" in patch  # the commands' cgroup is the container's
