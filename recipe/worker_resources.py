@@ -55,6 +55,8 @@ class WorkerResources:
         }
         self._shim_settings = dataclasses.replace(config.sandbox.shim)
         self._sandbox_backend = config.sandbox.backend
+        if self._sandbox_backend == "docker" and _remote_engine(config.sandbox.docker.base_url):
+            self._sandbox_backend = "docker-remote"  # its containers' cgroups are not on this host
         self._docker_settings = dataclasses.replace(config.sandbox.docker)
         self._docker: DockerSandboxFactory | None = None
         self._proxy_start: asyncio.Task[ModelProxyServer] | None = None
@@ -231,3 +233,11 @@ class WorkerResources:
     def _refuse_if_closed(self) -> None:
         if self.closed:
             raise RuntimeError("these worker resources are closed")
+
+
+def _remote_engine(base_url: str | None) -> bool:
+    """Whether the Docker engine is on another host (``base_url`` or ``DOCKER_HOST`` not a unix socket)."""
+    import os
+
+    url = base_url or os.environ.get("DOCKER_HOST") or ""
+    return bool(url) and not url.startswith("unix://")

@@ -72,7 +72,17 @@ class ContainerMemory:
         self.container = container
         self.init_pid = pid
         self.dir, self.version = memory_cgroup_dir(pid, mount)
+        if container.id not in str(self.dir):
+            # A trainer in its own pid or cgroup namespace sees another process under that pid.
+            raise FileNotFoundError(f"the cgroup of pid {pid} ({self.dir}) is not container {container.id[:12]}'s")
         self.limit_bytes = int((container.attrs.get("HostConfig") or {}).get("Memory") or 0)
+        # The container's own processes, now (init and its keep-alive child): everything else in it
+        # is a command or what a command left behind (orphans are reparented to init later).
+        self.keep_pids = {pid}
+        try:
+            self.keep_pids |= {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+        except OSError:
+            pass
 
     slow = True
 
@@ -151,37 +161,42 @@ class ContainerMemory:
         return nbytes
 
     def kill_commands(self) -> int:
-        """SIGKILL every process in the container but its init and init's children (the
-        container's keep-alive ``sleep``): the commands ``docker exec`` started. Returns how many.
-        Used at the hard cap, where a container without the OOM killer would otherwise sleep
-        until its command's timeout."""
-        keep = {self.init_pid}
-        try:
-            for line in Path(f"/proc/{self.init_pid}/task/{self.init_pid}/children").read_text().split():
-                keep.add(int(line))
-        except OSError:
-            pass
+        """SIGKILL every process in the container but its init and keep-alive ``sleep`` (``keep_pids``,
+        taken when it started): the commands ``docker exec`` started and whatever they left running,
+        orphans included. Returns how many. Used at the hard cap, where a container without the
+        OOM killer would otherwise sleep until its command's timeout. A trainer that may not signal
+        them kills the container instead."""
         try:
             pids = [int(p) for p in self._read("cgroup.procs").split()]
         except OSError:
             return 0
         killed = 0
         for pid in pids:
-            if pid in keep:
+            if pid in self.keep_pids:
                 continue
             try:
                 os.kill(pid, signal.SIGKILL)
                 killed += 1
             except ProcessLookupError:
                 pass
+            except PermissionError:
+                # A trainer that is not root cannot signal the container's uid: end the container.
+                logger.warning("container %s: cannot kill pid %d at the hard cap; killing the container",
+                               self.container.name, pid)
+                self.container.kill()
+                return killed + 1
         return killed
 
 
 async def bind_container_limits(lease: Any, container: Any, hard_max_bytes: int) -> None:
     """Hand a Docker sandbox's container to its resource-shim lease (``RolloutLease.bind``), with
-    the container's own limit (``hard_max_bytes``) as the hard cap. Where its memory cgroup cannot
-    be read here (a remote engine), the container gets that hard cap as a static limit instead,
-    with a warning: a limit left at the baseline would pause its first burst for good."""
+    the container's own limit (``hard_max_bytes``) as the hard cap.
+
+    Raises:
+        RuntimeError: the container's memory cgroup is not readable here (a remote engine, a
+            trainer in its own namespaces): the shim cannot follow it (``shim.enabled: auto`` is
+            off for such engines).
+    """
     import asyncio
 
     if not lease.active:
@@ -189,8 +204,8 @@ async def bind_container_limits(lease: Any, container: Any, hard_max_bytes: int)
     try:
         target = await asyncio.to_thread(ContainerMemory, container)
     except (OSError, RuntimeError) as exc:
-        logger.warning("rollout %s: container memory not visible here (%s); static limit %d B",
-                       lease.rollout_id, exc, hard_max_bytes)
-        await asyncio.to_thread(container.update, mem_limit=int(hard_max_bytes), memswap_limit=int(hard_max_bytes))
-        return
+        # Created without the OOM killer, such a container would sleep at a limit nobody raises.
+        raise RuntimeError(
+            f"rollout {lease.rollout_id}: the resource shim cannot read this container's memory cgroup "
+            f"here ({exc}); set swe_agent.sandbox.shim.enabled=false for a remote or namespaced engine") from exc
     await lease.bind(target, hard_max_bytes=hard_max_bytes)

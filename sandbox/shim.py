@@ -41,8 +41,9 @@ Usage (the agent loop)::
         SessionConfig(..., on_phase=lease.on_phase)
     lease.summary                                           # ShimRolloutSummary
 
-``enabled=None`` (auto, the default) is on for the Docker backend and where a cgroup root is set;
-off, every call is a no-op and ``cgroup_path`` is None.
+``enabled=None`` (auto, the default) is on for the Docker backend on a local cgroup v1 engine and
+for local sandboxes with a ``cgroup_root`` (``ShimSettings.resolved_enabled``); off, every call is
+a no-op and ``cgroup_path`` is None.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ MiB = 1 << 20
 GiB = 1 << 30
 # Environment variable naming a delegated cgroup2 directory (tests and the CLI default).
 CGROUP_ROOT_ENV = "SWE_RL_CGROUP_ROOT"
+# cgroup v1's memory hierarchy: where a local engine's containers can sleep at their limit.
+CGROUP_V1_MEMORY = "/sys/fs/cgroup/memory"
 
 
 POLICIES = ("phase", "static", "reactive")
@@ -80,9 +83,9 @@ POLICIES = ("phase", "static", "reactive")
 class ShimSettings:
     """Resource-shim configuration (bytes, seconds, cores).
 
-    ``enabled=None`` (auto) turns the shim on where it can enforce limits: the Docker backend
-    (limits through the engine, ``sandbox.docker_limits``) or a configured cgroup root; see
-    ``resolved_enabled``. ``pool_bytes=0`` means 80% of the machine's RAM. ``cgroup_root=None``
+    ``enabled=None`` (auto) turns the shim on where it can enforce limits: the Docker backend on a
+    local cgroup v1 engine (limits through the engine, ``sandbox.docker_limits``) or a configured
+    cgroup root; see ``resolved_enabled``. ``pool_bytes=0`` means 80% of the machine's RAM. ``cgroup_root=None``
     takes ``$SWE_RL_CGROUP_ROOT``; without either, local sandboxes get the no-op controller
     (policy decisions and measurements still run, limits are not enforced).
 
@@ -138,10 +141,18 @@ class ShimSettings:
         return self.pool_bytes or int(psutil.virtual_memory().total * 0.8)
 
     def resolved_enabled(self, sandbox_backend: str) -> bool:
-        """``enabled``, with None (auto) = on for the Docker backend or when a cgroup root is set."""
+        """``enabled``, with None (auto) = on where the shim can enforce limits the way it is
+        measured to work: the ``docker`` backend on a local engine with cgroup v1's memory
+        controller (a container asleep at its limit instead of OOM-killed; on cgroup v2 the engine
+        ignores ``--oom-kill-disable``), or local sandboxes with ``cgroup_root`` set.
+
+        ``sandbox_backend``: ``local``, ``docker`` (a local engine) or ``docker-remote``.
+        """
         if self.enabled is not None:
             return bool(self.enabled)
-        return sandbox_backend == "docker" or bool(self.cgroup_root or os.environ.get(CGROUP_ROOT_ENV))
+        if sandbox_backend == "docker":
+            return os.path.isdir(CGROUP_V1_MEMORY)
+        return sandbox_backend == "local" and bool(self.cgroup_root)
 
 
 @dataclass(frozen=True)
@@ -226,6 +237,7 @@ class _Waiter:
     amount: int
     on_grant: Callable[[], None]
     cancelled: bool = False
+    granted: bool = False
 
 
 class MemoryPool:
@@ -315,6 +327,7 @@ class MemoryPool:
                     break
                 self._queue.popleft()
                 self.reserved[head.owner] = self.reserved.get(head.owner, 0) + head.amount
+                head.granted = True
                 granted.append(head)
         for w in granted:
             try:
@@ -510,6 +523,7 @@ class RolloutLease:
         self._closed = False
         self._target: LimitTarget | None = None
         self._writer: _LimitWriter | None = None
+        self._at_cap_polls = 0
         self._monitor: asyncio.Task | None = None
         if group is not None:
             self._target = _CgroupTarget(shim.controller, group)
@@ -554,10 +568,16 @@ class RolloutLease:
             self._monitor = asyncio.get_running_loop().create_task(self._monitor_loop())
 
     async def _monitor_loop(self) -> None:
+        failures = 0
         while True:
             await asyncio.sleep(self.settings.monitor_interval_s)
             # A usage read is one small file: cheap, but kept off the event loop anyway.
-            await asyncio.to_thread(self.poll)
+            try:
+                await asyncio.to_thread(self.poll)
+            except Exception:  # one bad read or kill must not leave the sandbox unwatched
+                failures += 1
+                if failures in (1, 100):
+                    logger.exception("rollout %s: shim poll failed (%d so far)", self.rollout_id, failures)
 
     async def _stop(self) -> None:
         if self._monitor is not None:
@@ -631,13 +651,19 @@ class RolloutLease:
             if paused:
                 # Tasks sleep at the limit: tool time lost until a grant (or the hard-cap kill) arrives.
                 self.summary.paused_s += self.settings.monitor_interval_s
-            if limit >= self.hard_max and paused:
-                # The hard cap is reached with the OOM killer off: end the commands as it would have.
-                killed = self._target.kill_commands()
-                if killed:
-                    self.summary.memory_kills += 1
-                    self._log("hard_max:killed", limit)
+            applied = getattr(self._target, "limit_bytes", limit)
+            pending = self._writer is not None and self._writer.pending
+            if paused and not pending and applied >= self.hard_max:
+                # Asleep at the cap the kernel has, twice in a row (not a raise still on its way):
+                # with the OOM killer off, end the commands as it would have.
+                self._at_cap_polls += 1
+                if self._at_cap_polls >= 2:
+                    self._at_cap_polls = 0
+                    if self._target.kill_commands():
+                        self.summary.memory_kills += 1
+                        self._log("hard_max:killed", limit)
                 return
+            self._at_cap_polls = 0
             if self.settings.policy == "reactive":
                 self._follow_usage(usage, limit)
                 return
@@ -676,6 +702,9 @@ class RolloutLease:
             self._apply_high(want, "react:shrink")
 
     def _start_tool(self) -> None:
+        if self._waiter is not None:  # a growth asked for while the model thought: superseded
+            self.shim.pool.cancel(self._waiter)
+            self._waiter = None
         self.summary.tool_calls.append(ToolCallStats(start_s=time.monotonic()))
         grant = int(min(self.policy.tool_grant(self.largest_tool_bytes, self.reservation),
                         self.hard_max - self.reservation))
@@ -692,14 +721,18 @@ class RolloutLease:
         self._queued_since = time.monotonic()
         self._log(f"{why}:queued", self.reservation + self.grant)
         epoch = self._epoch
-        self._waiter = pool.enqueue(self.rollout_id, amount, lambda: self._on_granted(amount, why, epoch))
+        waiter = pool.enqueue(self.rollout_id, amount, lambda: self._on_granted(amount, why, epoch))
+        if not waiter.granted:  # enqueue may serve it at once (bytes freed meanwhile): then it is done
+            self._waiter = waiter
 
     def _on_granted(self, amount: int, why: str, epoch: int) -> None:
         with self._lock:
             self._waiter = None
             if self._closed or epoch != self._epoch:
-                # The phase changed (or the rollout ended) before the grant arrived: give it back.
-                self.shim.pool.set_reservation(self.rollout_id, self.reservation)
+                # The phase changed (or the rollout ended) before the grant arrived: give back this
+                # grant only (what the lease holds now stays reserved).
+                if not self._closed:
+                    self.shim.pool.set_reservation(self.rollout_id, self.reservation + self.grant)
                 return
             self._granted(amount, why)
 

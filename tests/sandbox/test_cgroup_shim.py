@@ -371,12 +371,19 @@ def _docker_shim(**overrides) -> ResourceShim:
 
 
 def test_auto_enables_the_shim_where_it_can_enforce_limits(monkeypatch):
-    monkeypatch.delenv(CGROUP_ROOT_ENV, raising=False)
+    import sandbox.shim as shim_module
+
+    monkeypatch.setenv(CGROUP_ROOT_ENV, "/from-env")  # only an explicit enabled=true reads it
+    monkeypatch.setattr(shim_module, "CGROUP_V1_MEMORY", str(Path(__file__).parent))  # "v1 here"
     assert ShimSettings().resolved_enabled("docker") and not ShimSettings().resolved_enabled("local")
+    assert not ShimSettings().resolved_enabled("docker-remote")
     assert ShimSettings(cgroup_root="/x").resolved_enabled("local")
     assert not ShimSettings(enabled=False).resolved_enabled("docker")
+    assert ShimSettings(enabled=True).resolved_enabled("local")
     assert ResourceShim(ShimSettings(), sandbox_backend="docker").enabled
     assert not ResourceShim(ShimSettings()).enabled
+    monkeypatch.setattr(shim_module, "CGROUP_V1_MEMORY", "/nonexistent")  # cgroup v2: the engine would OOM-kill
+    assert not ShimSettings().resolved_enabled("docker")
     with pytest.raises(ValueError, match="policy"):
         ShimSettings(policy="oracle")
 

@@ -121,9 +121,18 @@ async def test_past_the_hard_cap_the_shim_kills_the_command_and_the_container_li
             assert ContainerMemory(container).oom_kills() == 0  # the shim's kill, not the kernel's
             code, out = await _exec(container, _burst(100))
             assert code == 0 and "survived" in out
+            # A hog the command leaves behind (reparented to the container's init) is no safer.
+            hog = "python3 -c 'import time; b = bytearray(600 << 20); time.sleep(120)' >/dev/null 2>&1 &"
+            assert (await _exec(container, ["sh", "-c", hog]))[0] == 0
+            deadline = time.monotonic() + 30
+            while lease.summary.memory_kills < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert lease.summary.memory_kills == 2
+            code, out = await _exec(container, _burst(100))
+            assert code == 0 and "survived" in out
         finally:
             await asyncio.to_thread(container.remove, force=True)
-    assert lease.summary.to_dict()["memory_kills"] == 1
+    assert lease.summary.to_dict()["memory_kills"] == 2
 
 
 async def test_the_static_baseline_keeps_its_limit_and_the_kernel_oom_kills(client):
