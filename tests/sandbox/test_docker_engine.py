@@ -40,21 +40,6 @@ pytestmark = [pytest.mark.docker, pytest.mark.skipif(not ENGINE, reason=WHY)]
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def client():
-    import docker
-
-    client = docker.from_env()
-    try:
-        client.images.get(BASE_IMAGE)
-    except docker.errors.ImageNotFound:
-        if os.environ.get("SWE_RL_REQUIRE_DOCKER") == "1":
-            raise
-        pytest.skip(f"{BASE_IMAGE} not built (bash example/docker_engine.sh start)")
-    yield client
-    client.close()
-
-
 def _task(name: str) -> SWETask:
     return SWETask(instance_id=f"engine__{name}", repo="local/engine", base_commit="HEAD", problem_statement="p",
                    image_name=BASE_IMAGE)

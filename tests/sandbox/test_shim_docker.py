@@ -19,27 +19,12 @@ from sandbox.docker_limits import ContainerMemory, bind_container_limits
 from sandbox.docker_sandbox import LABEL_SANDBOX, docker_engine_available
 from sandbox.shim import MiB, ResourceShim, ShimSettings
 
-BASE_IMAGE = os.environ.get("SWE_RL_BASE_IMAGE", "swe-rl-base:bookworm")
+BASE_IMAGE = os.environ.get("SWE_RL_BASE_IMAGE", "swe-rl-base:bookworm")  # the `client` fixture's (conftest)
 ENGINE, WHY = docker_engine_available()
 if not ENGINE and os.environ.get("SWE_RL_REQUIRE_DOCKER") == "1":
     raise RuntimeError(f"SWE_RL_REQUIRE_DOCKER=1 but {WHY}")
 
 pytestmark = [pytest.mark.docker, pytest.mark.skipif(not ENGINE, reason=WHY)]
-
-
-@pytest.fixture(scope="module")
-def client():
-    import docker
-
-    client = docker.from_env()
-    try:
-        client.images.get(BASE_IMAGE)
-    except docker.errors.ImageNotFound:
-        if os.environ.get("SWE_RL_REQUIRE_DOCKER") == "1":
-            raise
-        pytest.skip(f"{BASE_IMAGE} not built (bash example/docker_engine.sh start)")
-    yield client
-    client.close()
 
 
 def _shim(**overrides) -> ResourceShim:
