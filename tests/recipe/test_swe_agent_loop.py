@@ -148,6 +148,7 @@ async def test_resource_shim_wraps_each_tool_command_not_the_agent(rows, tokeniz
 
     class RecordingLease:
         cgroup_path = None
+        active = False  # moves no limit (the loop then records no shim summary)
 
         def on_phase(self, phase: str) -> None:
             pass
