@@ -26,6 +26,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from sandbox.cgroup import parse_flat_keyed
+
 logger = logging.getLogger(__name__)
 
 CGROUP_MOUNT = "/sys/fs/cgroup"
@@ -99,12 +101,8 @@ class ContainerMemory:
             stat = self._read("memory.stat")
         except (OSError, ValueError):
             return 0
-        key = "total_inactive_file" if self.version == 1 else "inactive_file"
-        for line in stat.splitlines():
-            name, _, value = line.partition(" ")
-            if name == key:
-                return max(0, charged - int(value))
-        return charged
+        inactive = parse_flat_keyed(stat).get("total_inactive_file" if self.version == 1 else "inactive_file", 0)
+        return max(0, charged - inactive)
 
     def peak(self) -> int:
         """Highest bytes charged since the container started (v1 ``memory.max_usage_in_bytes``,
@@ -116,15 +114,9 @@ class ContainerMemory:
 
     def _events(self) -> dict[str, int]:
         try:
-            text = self._read("memory.oom_control" if self.version == 1 else "memory.events")
+            return parse_flat_keyed(self._read("memory.oom_control" if self.version == 1 else "memory.events"))
         except OSError:
             return {}
-        out = {}
-        for line in text.splitlines():
-            key, _, value = line.partition(" ")
-            if value.strip().lstrip("-").isdigit():
-                out[key] = int(value)
-        return out
 
     def under_oom(self) -> bool:
         """Whether tasks sleep at the limit (v1 with ``--oom-kill-disable``: ``under_oom 1``)."""
