@@ -35,6 +35,9 @@ class Policy(str, Enum):
     a group (verl's ``session_id``, the rollout CLI's repeat index) plays reference,
     empty and stall (no-op commands until the step limit: a masked ``step_limit``
     exit) in turn, so the trainer's rewards, masks and advantages can be checked.
+    ``expert``: a readable expert trajectory (list files, run the suite, read the code, a
+    ``str_replace`` edit per hunk of the fix, rerun, diff, submit) with a thought per turn: the
+    supervised warm start's data (``python -m recipe.learn.expert``), not a model result.
     ``script``: the bash commands of a user-given file (``swe_agent.script``, one per line;
     blank lines and lines starting with ``#`` skipped) through the agent, proxy, sandbox and
     grader, then submit: for debugging an environment or re-running an attack.
@@ -46,6 +49,7 @@ class Policy(str, Enum):
     REFERENCE_WITH_TESTS = "reference_with_tests"
     GROUP_CHECK = "group_check"
     SCRIPT = "script"
+    EXPERT = "expert"
 
 
 @dataclass

@@ -36,7 +36,12 @@ from verl.experimental.agent_loop.agent_loop import (
 )
 
 from model_proxy.backends.base import GenerationBackend
-from model_proxy.backends.scripted import GenerationLatency, ScriptedPolicyBackend, reference_with_tests_commands
+from model_proxy.backends.scripted import (
+    GenerationLatency,
+    ScriptedPolicyBackend,
+    expert_steps,
+    reference_with_tests_commands,
+)
 from model_proxy.backends.verl_server import VerlServerBackend
 from model_proxy.server import SessionConfig, SessionResult, SessionStop
 from core.task import SWETask
@@ -469,6 +474,7 @@ class SWEAgentLoop(AgentLoopBase):
             Policy.EMPTY: lambda _: [],
             Policy.GROUP_CHECK: lambda t: [reference_commands(t), [], stall][session % 3],
             Policy.SCRIPT: lambda _: script_commands(self.swe_config.script or ""),
+            Policy.EXPERT: expert_steps,
         }
         # SWE-agent calls tools (function calling only) and submits with its own `submit` tool.
         sweagent = self.swe_config.agent.backend == "swe_agent"

@@ -185,12 +185,101 @@ def reference_with_tests_commands(task: _TaskLike, *, output_lines: int = 25) ->
     ]
 
 
+@dataclass(frozen=True)
+class ScriptStep:
+    """One turn of a scripted policy: the reasoning written before the command, and the command."""
+
+    thought: str
+    command: str
+
+
+def _str_replace_edits(patch: str) -> list[tuple[str, str, str]]:
+    """(path, old text, new text) per hunk: the hunk's changed lines with one line of context
+    on each side, so the old text is a short, exact copy of what the agent read in the file."""
+    from unidiff import PatchSet
+
+    edits = []
+    for pf in PatchSet(patch):
+        for hunk in pf:
+            lines = list(hunk)
+            changed = [i for i, line in enumerate(lines) if line.line_type in ("-", "+")]
+            if not changed:
+                continue
+            lo, hi = max(0, changed[0] - 1), min(len(lines), changed[-1] + 2)
+            window = lines[lo:hi]
+            old = "".join(line.value for line in window if line.line_type in (" ", "-"))
+            new = "".join(line.value for line in window if line.line_type in (" ", "+"))
+            edits.append((pf.path, old, new))
+    return edits
+
+
+def edit_command(path: str, old: str, new: str) -> str:
+    """A bash command replacing the one occurrence of ``old`` by ``new`` in ``path`` (a Python
+    here-document: the text travels as Python literals, so no quoting or regex escapes), failing
+    loudly when ``old`` is not there exactly once -- the ``str_replace`` edit of SWE-agent's editor."""
+    return (
+        "python3 - <<'EOF'\n"
+        "from pathlib import Path\n"
+        f"path = Path({path!r})\n"
+        "text = path.read_text()\n"
+        f"old = {old!r}\n"
+        f"new = {new!r}\n"
+        "assert text.count(old) == 1, f'old text found {text.count(old)} times'\n"
+        "path.write_text(text.replace(old, new))\n"
+        "print('edited', path)\n"
+        "EOF"
+    )
+
+
+def expert_steps(task: _TaskLike, *, output_lines: int = 30, context_lines: int = 12) -> list[ScriptStep]:
+    """A readable expert trajectory for supervised warm starts (SWE-Gym/SWE-smith style), every
+    command something a model could write from what it has seen so far:
+
+    (1) list the repository's files; (2) run the visible test suite (the hidden FAIL_TO_PASS
+    tests are not in the work tree); (3) read the code each hunk of the fix touches, with line
+    numbers; (4) one ``str_replace`` edit per hunk (``edit_command``: the changed lines and one
+    line of context, as literals); (5) rerun the suite; (6) look at the diff; then submit.
+
+    Unlike ``reference_with_tests`` the fix is not an opaque base64 patch, so the trajectory can
+    be learned. Whether it resolves the task is for the grader to say: SFT data keeps only the
+    resolved ones (rejection sampling, as SWE-Gym and SWE-smith do).
+
+    Raises:
+        ValueError: the task has no patch or no test command, or the patch changes no line.
+    """
+    if not task.patch.strip() or not task.test_cmd.strip():
+        raise ValueError("the expert needs the task's patch and test_cmd")
+    edits = _str_replace_edits(task.patch)
+    if not edits:
+        raise ValueError("the task's patch changes no line")
+    tail = f" 2>&1 | tail -n {int(output_lines)}"
+    steps = [
+        ScriptStep("I will start by looking at the files in the repository.", "git ls-files | head -n 50"),
+        ScriptStep("Next I run the test suite to see its current state.", f"{task.test_cmd}{tail}"),
+    ]
+    for path, line in _patched_files(task.patch):
+        start = max(1, line - context_lines)
+        steps.append(ScriptStep(
+            f"The issue points at the code in {path}. Let me read it with line numbers.",
+            f"nl -ba {shlex.quote(path)} | sed -n '{start},{line + 2 * context_lines}p'",
+        ))
+    for path, old, new in edits:
+        old_line = next((x.strip() for x in old.splitlines() if x.strip() and x not in new.splitlines()), "")
+        why = f"`{old_line}` is the bug" if old_line else "a statement is missing here"
+        steps.append(ScriptStep(f"In {path}, {why}. I replace the lines with the fixed version.",
+                                edit_command(path, old, new)))
+    steps.append(ScriptStep("Now I rerun the tests to check the fix.", f"{task.test_cmd}{tail}"))
+    steps.append(ScriptStep("Let me review the change before submitting.", "git diff"))
+    return steps
+
+
 class ScriptedPolicyBackend:
     """Replays ``commands`` one per turn, then submits. Turns are counted per ``request_id``.
 
     Args:
         tokenizer: a tokenizer with an eos token (the end-of-turn token).
-        commands: bash commands, one per turn.
+        commands: bash commands, one per turn; a ``ScriptStep`` also gives the turn's thought
+            (text mode writes it before the action block).
         mode: ``"tool_call"`` or ``"text"`` (module docstring).
         latency: emulated inference time per turn (``GenerationLatency``); None = answer at once.
         submit_tool: the name of a tool the agent submits with, called without arguments
@@ -205,7 +294,7 @@ class ScriptedPolicyBackend:
     def __init__(
         self,
         tokenizer: Any,
-        commands: list[str],
+        commands: Sequence[str | ScriptStep],
         mode: ScriptMode = "tool_call",
         latency: GenerationLatency | None = None,
         submit_tool: str | None = None,
@@ -218,7 +307,8 @@ class ScriptedPolicyBackend:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs an eos token (the end-of-turn token)")
         self.tokenizer = tokenizer
-        self.commands = list(commands)
+        self.steps = [c if isinstance(c, ScriptStep) else ScriptStep("", c) for c in commands]
+        self.commands = [step.command for step in self.steps]
         self.mode = mode
         self.latency = latency or GenerationLatency()
         self.submit_tool = submit_tool
@@ -236,8 +326,12 @@ class ScriptedPolicyBackend:
             return hermes_tool_call_text(self.submit_tool, {})
         if self.mode == "tool_call":
             return hermes_tool_call_text("bash", {"command": command})
-        if turn < len(self.commands):
+        if turn < len(self.commands) and self.steps[turn].thought:
+            thought = self.steps[turn].thought
+        elif turn < len(self.commands):
             thought = f"Scripted step {turn + 1} of {len(self.commands)}: run the next command."
+        elif any(step.thought for step in self.steps):
+            thought = "The fix is in place and the tests pass, so I submit it."
         else:
             thought = "The scripted commands are done; submit."
         return text_action(command, thought)
