@@ -1,0 +1,193 @@
+"""The learning report: held-out figures before training, after the warm start and after GRPO.
+
+    python -m recipe.learn.report --out outputs/learn --report-dir docs
+
+Reads ``<out>/eval_{base,sft,grpo}`` (``recipe.rollout`` outputs: one ``TrajectoryRecord`` per
+rollout), ``<out>/sft_metrics.jsonl`` (verl's SFT file logger) and ``<out>/grpo/metrics.jsonl``
+(verl's PPO file logger), and writes ``<report-dir>/learning_cpu.{md,json,png}``: per stage the
+number of tasks and rollouts, resolved rate, parsed-action rate, format errors, exit statuses and
+mean turns; the SFT loss per step; the RL rewards, advantages and masks per step.
+
+Parsed action: an assistant turn holding exactly one action block of mini-swe-agent's text mode
+(``LitellmTextbasedModelConfig.action_regex``, ``model_proxy.tool_format.TEXT_ACTION_FENCE``); every
+other assistant turn is a format error (the agent answers it with its format-error message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from model_proxy.tool_format import TEXT_ACTION_FENCE
+from recipe.trajectory import TrajectoryRecord, load_records
+
+STAGES = (("base", "base model"), ("sft", "after SFT warm start"), ("grpo", "after GRPO"))
+ACTION = re.compile(rf"```{TEXT_ACTION_FENCE}\s*\n(.*?)\n```", re.DOTALL)
+# The RL trainer's per-step figures shown (verl's metric names, recipe's swe/* ones).
+RL_KEYS = (
+    ("reward", "swe/reward"), ("resolved", "swe/resolved"), ("masked", "swe/masked"),
+    ("adv mean", "critic/advantages/mean"), ("adv max", "critic/advantages/max"), ("adv min", "critic/advantages/min"),
+    ("zero-adv groups", "swe/groups_zero_advantage"), ("resp len", "response_length/mean"),
+    ("pg loss", "actor/pg_loss"), ("grad norm", "actor/grad_norm"),
+)
+
+
+@dataclass(frozen=True)
+class StageFigures:
+    """One evaluation's figures. Rates are fractions in [0, 1]."""
+
+    stage: str
+    tasks: int
+    rollouts: int
+    resolved_rate: float
+    parsed_action_rate: float  # of assistant turns
+    assistant_turns: int
+    format_errors: int  # assistant turns without exactly one action block
+    exit_status: dict[str, int]
+    mean_turns: float  # assistant turns per rollout
+    by_source: dict[str, dict[str, float]]
+
+
+def parsed_actions(record: TrajectoryRecord) -> tuple[int, int]:
+    """(assistant turns, of which parsed: exactly one action block)."""
+    turns = [m.get("content") or "" for m in record.messages if m.get("role") == "assistant"]
+    return len(turns), sum(1 for t in turns if len(ACTION.findall(t)) == 1)
+
+
+def figures(stage: str, records: list[TrajectoryRecord]) -> StageFigures:
+    """Figures of one stage's rollouts.
+
+    Raises:
+        ValueError: no rollouts.
+    """
+    if not records:
+        raise ValueError(f"stage {stage}: no rollouts")
+    counts = [parsed_actions(r) for r in records]
+    turns = sum(c[0] for c in counts)
+    parsed = sum(c[1] for c in counts)
+    by_source: dict[str, dict[str, float]] = {}
+    for source in sorted({r.data_source for r in records}):
+        rs = [r for r in records if r.data_source == source]
+        cs = [parsed_actions(r) for r in rs]
+        by_source[source] = {
+            "rollouts": len(rs),
+            "resolved_rate": sum(r.resolved for r in rs) / len(rs),
+            "parsed_action_rate": sum(c[1] for c in cs) / max(1, sum(c[0] for c in cs)),
+        }
+    return StageFigures(
+        stage=stage,
+        tasks=len({r.instance_id for r in records}),
+        rollouts=len(records),
+        resolved_rate=sum(r.resolved for r in records) / len(records),
+        parsed_action_rate=parsed / turns if turns else 0.0,
+        assistant_turns=turns,
+        format_errors=turns - parsed,
+        exit_status=dict(Counter(r.exit_status for r in records).most_common()),
+        mean_turns=turns / len(records),
+        by_source=by_source,
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _steps(rows: list[dict]) -> list[tuple[int, dict]]:
+    """verl file-logger rows ``{"step": N, "data": {...}}`` -> (step, metrics), last row per step."""
+    by_step = {int(row["step"]): row.get("data", {}) for row in rows if "step" in row}
+    return sorted(by_step.items())
+
+
+def markdown(stages: list[StageFigures], sft: list[tuple[int, dict]], rl: list[tuple[int, dict]], notes: str) -> str:
+    lines = ["# Learning on CPU: SmolLM2-135M-Instruct, before and after training", "",
+             "Written by `python -m recipe.learn.report` from `bash example/learn_cpu.sh`; measured, not edited.", ""]
+    if notes:
+        lines += [notes, ""]
+    lines += ["| stage | tasks | rollouts | resolved | parsed actions | format errors | mean turns | exit statuses |",
+              "|---|---|---|---|---|---|---|---|"]
+    for s in stages:
+        exits = ", ".join(f"{k} {v}" for k, v in s.exit_status.items())
+        lines.append(f"| {s.stage} | {s.tasks} | {s.rollouts} | {100 * s.resolved_rate:.1f}% | "
+                     f"{100 * s.parsed_action_rate:.1f}% ({s.assistant_turns - s.format_errors}/{s.assistant_turns}) | "
+                     f"{s.format_errors} | {s.mean_turns:.1f} | {exits} |")
+    lines += ["", "By data source (resolved / parsed actions):", ""]
+    sources = sorted({src for s in stages for src in s.by_source})
+    lines += ["| stage | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
+    for s in stages:
+        cells = [f"{100 * s.by_source[src]['resolved_rate']:.0f}% / {100 * s.by_source[src]['parsed_action_rate']:.0f}% "
+                 f"(n={int(s.by_source[src]['rollouts'])})" if src in s.by_source else "-" for src in sources]
+        lines.append(f"| {s.stage} | " + " | ".join(cells) + " |")
+    if sft:
+        lines += ["", "SFT (verl's SFT trainer) per step: " + ", ".join(
+            f"{step}: loss {data.get('train/loss', float('nan')):.3f}" for step, data in sft), ""]
+    if rl:
+        lines += ["", "GRPO per step (verl's PPO trainer; advantages over response tokens):", "",
+                  "| step | " + " | ".join(h for h, _ in RL_KEYS) + " |", "|---|" + "---|" * len(RL_KEYS)]
+        for step, data in rl:
+            lines.append(f"| {step} | " + " | ".join(
+                f"{data[k]:.3g}" if isinstance(data.get(k), (int, float)) else "-" for _, k in RL_KEYS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(stages: list[StageFigures], sft: list[tuple[int, dict]], rl: list[tuple[int, dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    names = [s.stage for s in stages]
+    x = range(len(stages))
+    axes[0].bar([i - 0.2 for i in x], [100 * s.resolved_rate for s in stages], 0.4, label="resolved")
+    axes[0].bar([i + 0.2 for i in x], [100 * s.parsed_action_rate for s in stages], 0.4, label="parsed actions")
+    axes[0].set_xticks(list(x), names)
+    axes[0].set_ylabel("% (held-out tasks)")
+    axes[0].set_ylim(0, 100)
+    axes[0].legend()
+    axes[0].set_title(f"held-out: {stages[0].tasks} tasks, {stages[0].rollouts} rollouts per stage")
+    if sft:
+        axes[1].plot([s for s, _ in sft], [d.get("train/loss", float("nan")) for _, d in sft], marker="o")
+    axes[1].set_title("SFT loss per step")
+    axes[1].set_xlabel("step")
+    if rl:
+        steps = [s for s, _ in rl]
+        axes[2].plot(steps, [d.get("swe/reward", float("nan")) for _, d in rl], marker="o", label="mean reward")
+        axes[2].plot(steps, [d.get("swe/masked", float("nan")) for _, d in rl], marker="x", label="masked fraction")
+        axes[2].legend()
+    axes[2].set_title("GRPO per step")
+    axes[2].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="the learn script's output directory")
+    parser.add_argument("--report-dir", required=True)
+    parser.add_argument("--notes", default="", help="a paragraph placed above the table")
+    args = parser.parse_args(argv)
+    out, report = Path(args.out), Path(args.report_dir)
+    stages = [figures(label, load_records(out / f"eval_{name}")) for name, label in STAGES
+              if (out / f"eval_{name}" / "rollouts").is_dir()]
+    if not stages:
+        raise SystemExit(f"no evaluation under {out}/eval_*")
+    sft = _steps(read_jsonl(out / "sft_metrics.jsonl"))
+    rl = _steps(read_jsonl(out / "grpo" / "metrics.jsonl"))
+    report.mkdir(parents=True, exist_ok=True)
+    (report / "learning_cpu.md").write_text(markdown(stages, sft, rl, args.notes))
+    (report / "learning_cpu.json").write_text(json.dumps(
+        {"stages": [asdict(s) for s in stages], "sft": sft, "grpo": rl}, indent=2, default=str))
+    plot(stages, sft, rl, report / "learning_cpu.png")
+    print((report / "learning_cpu.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
