@@ -12,7 +12,7 @@
 #   7. eval:   the RL model                                                   -> $OUT/eval_grpo
 #   8. report: table, plot and per-step RL figures                            -> docs/learning_cpu.*
 # Every stage is skipped when its output exists: run it again with the same OUT to resume.
-#   bash example/learn_cpu.sh                       # ~2 h on 2 cores (stage estimates printed)
+#   bash example/learn_cpu.sh                       # ~2 h on 2 cores (each stage's start time printed)
 #   LEARN_SCALE=ci bash example/learn_cpu.sh        # the reduced CI configuration: tiny model, few tasks
 #   GRPO_STEPS=8 SFT_EPOCHS=4 EVAL_N=2 bash example/learn_cpu.sh
 set -euo pipefail
@@ -30,27 +30,32 @@ if [ "$SCALE" = ci ]; then
   MODEL=${MODEL:-tiny}; EVAL_LIMIT=${EVAL_LIMIT:-2}; EXPERT_LIMIT=${EXPERT_LIMIT:-4}
   SFT_EPOCHS=${SFT_EPOCHS:-1}; GRPO_STEPS=${GRPO_STEPS:-1}; EVAL_N=${EVAL_N:-1}
   STEP_LIMIT=${STEP_LIMIT:-4}; TURN_TOKENS=${TURN_TOKENS:-32}; SMITH_PER_PACKAGE=0
+  GRPO_N=${GRPO_N:-2}; RESPONSE_LEN=${RESPONSE_LEN:-2048}; ESTIMATE="~10 min"
 else
   OUT=${OUT:-outputs/learn}; REPORT=${REPORT:-docs}
   MODEL=${MODEL:-smollm2}; EVAL_LIMIT=${EVAL_LIMIT:-null}; EXPERT_LIMIT=${EXPERT_LIMIT:-null}
   SFT_EPOCHS=${SFT_EPOCHS:-3}; GRPO_STEPS=${GRPO_STEPS:-5}; EVAL_N=${EVAL_N:-1}
   STEP_LIMIT=${STEP_LIMIT:-10}; TURN_TOKENS=${TURN_TOKENS:-384}; SMITH_PER_PACKAGE=${SMITH_PER_PACKAGE:-4}
+  GRPO_N=${GRPO_N:-4}; RESPONSE_LEN=${RESPONSE_LEN:-6144}; ESTIMATE="~2 h"
 fi
+abs() { case "$1" in /*) echo "$1" ;; *) echo "$ROOT/$1" ;; esac; }
+OUT=$(abs "$OUT"); REPORT=$(abs "$REPORT"); SIMPLE=$(abs "$SIMPLE"); SMITH=$(abs "$SMITH")
 mkdir -p "$OUT"
 stage() { echo; echo "== [$(date +%H:%M:%S)] $1 =="; }
+echo "learn_cpu.sh ($SCALE): $ESTIMATE on 2 cores from scratch (measured per stage: docs/learning_cpu.md); outputs in $OUT"
 
 stage "1/8 data (simple tasks; smith sample of inflection, six: $SMITH_PER_PACKAGE per package)"
 [ -f "$SIMPLE/train.parquet" ] || $PY prepare/prepare_data.py --mode simple --out "$SIMPLE"
-TRAIN="$SIMPLE/train.parquet"; HELDOUT="$SIMPLE/test.parquet"; RL_TRAIN="$ROOT/$SIMPLE/train.parquet"
+TRAIN="$SIMPLE/train.parquet"; HELDOUT="$SIMPLE/test.parquet"; RL_TRAIN="$SIMPLE/train.parquet"
 if [ "$SMITH_PER_PACKAGE" -gt 0 ]; then
   [ -f "$SMITH/train.parquet" ] || $PY prepare/prepare_data.py --mode smith --packages inflection,six \
       --max-tasks-per-package "$SMITH_PER_PACKAGE" --out "$SMITH"
-  TRAIN="$TRAIN,$SMITH/train.parquet"; HELDOUT="$HELDOUT,$SMITH/test.parquet"; RL_TRAIN="$RL_TRAIN,$ROOT/$SMITH/train.parquet"
+  TRAIN="$TRAIN,$SMITH/train.parquet"; HELDOUT="$HELDOUT,$SMITH/test.parquet"; RL_TRAIN="$RL_TRAIN,$SMITH/train.parquet"
 fi
 case "$MODEL" in
-  tiny) BASE=$ROOT/$OUT/tiny_model; [ -f "$BASE/config.json" ] || $PY -m prepare.tiny_model "$BASE" >/dev/null ;;
+  tiny) BASE=$OUT/tiny_model; [ -f "$BASE/config.json" ] || $PY -m prepare.tiny_model "$BASE" >/dev/null ;;
   smollm2) BASE=$ROOT/outputs/smollm2; [ -f "$BASE/config.json" ] || $PY -m prepare.smollm2 "$BASE" >/dev/null ;;
-  *) BASE=$MODEL ;;
+  *) BASE=$(abs "$MODEL") ;;
 esac
 # The agent settings every stage shares: text-mode actions (mini-swe-agent's litellm_textbased),
 # SmolLM2's ChatML token builder, a short step limit and turn cap so a CPU can afford the runs.
@@ -61,7 +66,7 @@ evaluate() {  # name model_dir
   if [ -f "$OUT/eval_$1/summary.json" ]; then echo "done: $OUT/eval_$1"; return; fi
   $PY -m recipe.rollout data="$HELDOUT" policy=model model_path="$2" out_dir="$OUT/eval_$1" \
       n="$EVAL_N" seed=0 temperature=0.7 top_p=0.95 concurrency=4 limit="$EVAL_LIMIT" \
-      response_length=6144 "${AGENT[@]}"
+      response_length="$RESPONSE_LEN" "${AGENT[@]}"
 }
 
 stage "2/8 eval: the base model ($BASE)"
@@ -73,9 +78,9 @@ $PY -m recipe.learn.expert --data "$TRAIN" --out "$OUT/expert" --model-path "$BA
 
 stage "4/8 warm start: verl's SFT trainer, $SFT_EPOCHS epochs"
 if ! SFT_MODEL=$($PY -c "from recipe.learn.sft import final_hf_model as f; print(f('$OUT/sft'))" 2>/dev/null); then
-  VERL_FILE_LOGGER_PATH="$ROOT/$OUT/sft_metrics.jsonl" $PY -m recipe.learn.sft \
-      data.train_files="$ROOT/$OUT/expert/sft.parquet" model.path="$BASE" \
-      trainer.default_local_dir="$ROOT/$OUT/sft" trainer.total_epochs="$SFT_EPOCHS"
+  VERL_FILE_LOGGER_PATH="$OUT/sft_metrics.jsonl" $PY -m recipe.learn.sft \
+      data.train_files="$OUT/expert/sft.parquet" model.path="$BASE" \
+      trainer.default_local_dir="$OUT/sft" trainer.total_epochs="$SFT_EPOCHS"
   SFT_MODEL=$($PY -c "from recipe.learn.sft import final_hf_model as f; print(f('$OUT/sft'))")
 fi
 echo "warm-started model: $SFT_MODEL"
@@ -93,11 +98,11 @@ print(ok[-1]) if ok else sys.exit(1)"; }
 if ! RL_MODEL=$(grpo_model 2>/dev/null); then
   MODEL="$SFT_MODEL" DATA="$SIMPLE" OUT="$OUT/grpo" bash example/run_cpu.sh \
       data.train_files="[$RL_TRAIN]" \
-      data.val_files="$ROOT/$SIMPLE/test.parquet" \
+      data.val_files="$SIMPLE/test.parquet" \
       swe_agent.proxy.token_builder=qwen swe_agent.agent.mode=text \
       swe_agent.agent.step_limit=$STEP_LIMIT swe_agent.proxy.max_turn_tokens=$TURN_TOKENS \
-      trainer.total_training_steps="$GRPO_STEPS" trainer.save_freq="$GRPO_STEPS" trainer.test_freq=-1 \
-      trainer.val_before_train=false actor_rollout_ref.rollout.n=4 \
+      trainer.total_training_steps="$GRPO_STEPS" trainer.save_freq=1 trainer.max_actor_ckpt_to_keep=2 trainer.test_freq=-1 \
+      trainer.val_before_train=false actor_rollout_ref.rollout.n="$GRPO_N" data.max_response_length="$RESPONSE_LEN" \
       actor_rollout_ref.actor.optim.lr=1e-5 \
       'actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]'
   RL_MODEL=$(grpo_model)

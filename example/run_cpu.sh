@@ -34,10 +34,11 @@ case "$MODEL" in
 esac
 case "$MODEL_DIR" in /*) ;; *) MODEL_DIR=$ROOT/$MODEL_DIR ;; esac
 case "$OUT" in /*) ;; *) OUT=$ROOT/$OUT ;; esac
+case "$DATA" in /*) ;; *) DATA=$ROOT/$DATA ;; esac
 
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 $PY -m recipe.train profile=cpu \
-  data.train_files="$ROOT/$DATA/train.parquet" data.val_files="$ROOT/$DATA/test.parquet" \
+  data.train_files="$DATA/train.parquet" data.val_files="$DATA/test.parquet" \
   actor_rollout_ref.model.path="$MODEL_DIR" trainer.default_local_dir="$OUT" \
   ${extra[@]+"${extra[@]}"} "$@"
 

@@ -25,7 +25,10 @@ async def test_hf_local_is_deterministic_and_returns_aligned_logprobs(hf_backend
     first = await hf_backend.generate("traj-a", prompt, PARAMS)
     again = await hf_backend.generate("traj-a", prompt, PARAMS)
     other = await hf_backend.generate("traj-b", prompt, PARAMS)
-    assert first == again
+    # Same seed and request: the same tokens. Logprobs agree to float noise only: CPU GEMM kernels
+    # may round a position differently between calls (4.8e-7 seen), far below the ~1e-5 rollout/actor gap.
+    assert (first.token_ids, first.stop_reason) == (again.token_ids, again.stop_reason)
+    assert first.logprobs == pytest.approx(again.logprobs, abs=1e-5)
     assert first.token_ids != other.token_ids
     assert len(first.logprobs) == len(first.token_ids) >= 1
     assert all(lp <= 0.0 and math.isfinite(lp) for lp in first.logprobs)
