@@ -4,7 +4,8 @@
 
 Reads ``<out>/eval_{base,sft,grpo}`` (``recipe.rollout`` outputs: one ``TrajectoryRecord`` per
 rollout), ``<out>/sft_metrics.jsonl`` (verl's SFT file logger) and ``<out>/grpo/metrics.jsonl``
-(verl's PPO file logger), and writes ``<report-dir>/learning_cpu.{md,json,png}``: per stage the
+(verl's PPO file logger) with ``<out>/grpo/trajectories/advantages`` (what each trajectory
+trained with), and writes ``<report-dir>/learning_cpu.{md,json,png}``: per stage the
 number of tasks and rollouts, resolved rate, parsed-action rate, format errors, exit statuses and
 mean turns; the SFT loss per step; the RL rewards, advantages and masks per step.
 
@@ -104,7 +105,30 @@ def _steps(rows: list[dict]) -> list[tuple[int, dict]]:
     return sorted(by_step.items())
 
 
-def markdown(stages: list[StageFigures], sft: list[tuple[int, dict]], rl: list[tuple[int, dict]], notes: str) -> str:
+def advantage_steps(grpo_dir: Path) -> list[dict]:
+    """Per GRPO step, from the trainer's per-trajectory advantage lines
+    (``<grpo>/trajectories/advantages/step_*.jsonl``, ``recipe.verl_plugin.trainer``): trajectories,
+    how many trained (unmasked), mean reward, trajectories with a nonzero advantage, groups."""
+    out = []
+    for path in sorted((grpo_dir / "trajectories" / "advantages").glob("step_*.jsonl")):
+        rows = read_jsonl(path)
+        if not rows:
+            continue
+        out.append({
+            "step": int(path.stem.split("_")[1]),
+            "trajectories": len(rows),
+            "trained": sum(bool(r.get("trained")) for r in rows),
+            "masked": sum(bool(r.get("masked")) for r in rows),
+            "mean_reward": sum(float(r.get("reward", 0.0)) for r in rows) / len(rows),
+            "nonzero_advantage": sum(abs(float(r.get("advantage", 0.0))) > 0 for r in rows),
+            "groups": len({r.get("group_id") for r in rows}),
+            "exit_status": dict(Counter(r.get("exit_status", "") for r in rows).most_common()),
+        })
+    return out
+
+
+def markdown(stages: list[StageFigures], sft: list[tuple[int, dict]], rl: list[tuple[int, dict]], notes: str,
+             advantages: list[dict] | None = None) -> str:
     lines = ["# Learning on CPU: SmolLM2-135M-Instruct, before and after training", "",
              "Written by `python -m recipe.learn.report` from `bash example/learn_cpu.sh`; measured, not edited.", ""]
     if notes:
@@ -132,10 +156,19 @@ def markdown(stages: list[StageFigures], sft: list[tuple[int, dict]], rl: list[t
         for step, data in rl:
             lines.append(f"| {step} | " + " | ".join(
                 f"{data[k]:.3g}" if isinstance(data.get(k), (int, float)) else "-" for _, k in RL_KEYS) + " |")
+    if advantages:
+        lines += ["", "GRPO per step, per trajectory (what each one trained with):", "",
+                  "| step | trajectories | groups | trained (unmasked) | masked | mean reward | nonzero advantage | exit statuses |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for a in advantages:
+            exits = ", ".join(f"{k} {v}" for k, v in a["exit_status"].items())
+            lines.append(f"| {a['step']} | {a['trajectories']} | {a['groups']} | {a['trained']} | {a['masked']} | "
+                         f"{a['mean_reward']:.3f} | {a['nonzero_advantage']} | {exits} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(stages: list[StageFigures], sft: list[tuple[int, dict]], rl: list[tuple[int, dict]], path: Path) -> None:
+def plot(stages: list[StageFigures], sft: list[tuple[int, dict]], rl: list[tuple[int, dict]], path: Path,
+         advantages: list[dict] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,6 +188,11 @@ def plot(stages: list[StageFigures], sft: list[tuple[int, dict]], rl: list[tuple
         axes[1].plot([s for s, _ in sft], [d.get("train/loss", float("nan")) for _, d in sft], marker="o")
     axes[1].set_title("SFT loss per step")
     axes[1].set_xlabel("step")
+    if advantages and not rl:
+        steps = [a["step"] for a in advantages]
+        axes[2].plot(steps, [a["mean_reward"] for a in advantages], marker="o", label="mean reward")
+        axes[2].plot(steps, [a["masked"] / a["trajectories"] for a in advantages], marker="x", label="masked fraction")
+        axes[2].legend()
     if rl:
         steps = [s for s, _ in rl]
         axes[2].plot(steps, [d.get("swe/reward", float("nan")) for _, d in rl], marker="o", label="mean reward")
@@ -180,11 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no evaluation under {out}/eval_*")
     sft = _steps(read_jsonl(out / "sft_metrics.jsonl"))
     rl = _steps(read_jsonl(out / "grpo" / "metrics.jsonl"))
+    advantages = advantage_steps(out / "grpo")
     report.mkdir(parents=True, exist_ok=True)
-    (report / "learning_cpu.md").write_text(markdown(stages, sft, rl, args.notes))
+    (report / "learning_cpu.md").write_text(markdown(stages, sft, rl, args.notes, advantages))
     (report / "learning_cpu.json").write_text(json.dumps(
-        {"stages": [asdict(s) for s in stages], "sft": sft, "grpo": rl}, indent=2, default=str))
-    plot(stages, sft, rl, report / "learning_cpu.png")
+        {"stages": [asdict(s) for s in stages], "sft": sft, "grpo": rl, "grpo_trajectories": advantages}, indent=2, default=str))
+    plot(stages, sft, rl, report / "learning_cpu.png", advantages)
     print((report / "learning_cpu.md").read_text())
     return 0
 
