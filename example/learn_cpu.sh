@@ -46,11 +46,11 @@ echo "learn_cpu.sh ($SCALE): $ESTIMATE on 2 cores from scratch (measured per sta
 
 stage "1/8 data (simple tasks; smith sample of inflection, six: $SMITH_PER_PACKAGE per package)"
 [ -f "$SIMPLE/train.parquet" ] || $PY prepare/prepare_data.py --mode simple --out "$SIMPLE"
-TRAIN="$SIMPLE/train.parquet"; HELDOUT="$SIMPLE/test.parquet"; RL_TRAIN="$SIMPLE/train.parquet"
+TRAIN="$SIMPLE/train.parquet"; HELDOUT="$SIMPLE/test.parquet"
 if [ "$SMITH_PER_PACKAGE" -gt 0 ]; then
   [ -f "$SMITH/train.parquet" ] || $PY prepare/prepare_data.py --mode smith --packages inflection,six \
       --max-tasks-per-package "$SMITH_PER_PACKAGE" --out "$SMITH"
-  TRAIN="$TRAIN,$SMITH/train.parquet"; HELDOUT="$HELDOUT,$SMITH/test.parquet"; RL_TRAIN="$RL_TRAIN,$SMITH/train.parquet"
+  TRAIN="$TRAIN,$SMITH/train.parquet"; HELDOUT="$HELDOUT,$SMITH/test.parquet"
 fi
 case "$MODEL" in
   tiny) BASE=$OUT/tiny_model; [ -f "$BASE/config.json" ] || $PY -m prepare.tiny_model "$BASE" >/dev/null ;;
@@ -89,15 +89,10 @@ stage "5/8 eval: after the warm start"
 evaluate sft "$SFT_MODEL"
 
 stage "6/8 GRPO from the warm start, $GRPO_STEPS steps"
-grpo_model() { $PY -c "
-import pathlib, sys
-steps = sorted(pathlib.Path('$OUT/grpo').glob('global_step_*'), key=lambda p: int(p.name.split('_')[-1]))
-hf = [s / 'actor' / 'huggingface' for s in steps if int(s.name.split('_')[-1]) >= $GRPO_STEPS]
-ok = [h for h in hf if any(h.glob('*.safetensors'))]
-print(ok[-1]) if ok else sys.exit(1)"; }
+grpo_model() { $PY -c "from recipe.learn.sft import final_hf_model as f; print(f('$OUT/grpo', component='actor', min_step=$GRPO_STEPS))"; }
 if ! RL_MODEL=$(grpo_model 2>/dev/null); then
   MODEL="$SFT_MODEL" DATA="$SIMPLE" OUT="$OUT/grpo" bash example/run_cpu.sh \
-      data.train_files="[$RL_TRAIN]" \
+      data.train_files="[$TRAIN]" \
       data.val_files="$SIMPLE/test.parquet" \
       swe_agent.proxy.token_builder=qwen swe_agent.agent.mode=text \
       swe_agent.agent.step_limit=$STEP_LIMIT swe_agent.proxy.max_turn_tokens=$TURN_TOKENS \

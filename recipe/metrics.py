@@ -46,6 +46,21 @@ _TRAINER_COLUMNS = (
 )
 
 
+def read_trainer_log(path: Path) -> dict[int, dict]:
+    """``{step: metrics}`` from verl's ``file`` logger at ``path`` and a resumed run's earlier files
+    (``recipe.train.keep_previous_log`` moves them to ``metrics.1.jsonl``, ``.2``...), oldest first;
+    lines of one step are merged. A missing file reads as no steps."""
+    earlier = [p for p in path.parent.glob(f"{path.stem}.*{path.suffix}") if p.suffixes[-2][1:].isdigit()]
+    earlier.sort(key=lambda p: int(p.suffixes[-2][1:]))
+    by_step: dict[int, dict] = {}
+    for file in [*earlier, path]:
+        for line in file.read_text().splitlines() if file.is_file() else []:
+            if line.strip():
+                entry = json.loads(line)
+                by_step.setdefault(int(entry["step"]), {}).update(entry["data"])
+    return by_step
+
+
 def trainer_table(path: Path) -> str:
     """A per-step table of a training run from verl's ``file`` logger (``VERL_FILE_LOGGER_PATH``).
 
@@ -54,14 +69,7 @@ def trainer_table(path: Path) -> str:
     tokens, seconds in generation (the whole rollout phase), tools (per rollout),
     log-prob recomputation, reference, actor update and the whole step.
     """
-    # A resumed run's earlier files (recipe.train moves them to metrics.1.jsonl, .2, ...): oldest first.
-    earlier = [p for p in path.parent.glob(f"{path.stem}.*{path.suffix}") if p.suffixes[-2][1:].isdigit()]
-    earlier.sort(key=lambda p: int(p.suffixes[-2][1:]))
-    by_step: dict[int, dict] = {}
-    for file in [*earlier, path]:
-        for line in file.read_text().splitlines() if file.is_file() else []:
-            entry = json.loads(line)
-            by_step.setdefault(int(entry["step"]), {}).update(entry["data"])
+    by_step = read_trainer_log(path)
     rows = []
     for step, data in sorted(by_step.items()):
         if "timing_s/step" not in data:

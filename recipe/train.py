@@ -115,14 +115,29 @@ def _export_platform_env(cfg: DictConfig) -> None:
             importlib.import_module(module.strip())
 
 
+def cpu_platform_env() -> dict[str, str]:
+    """The platform variables (``_PLATFORM_ENV``) a CPU run sets, as the trainer config and its CPU
+    profile give them (``ray_kwargs.ray_init.runtime_env.env_vars``), for processes outside Ray."""
+    env: dict[str, str] = {}
+    for path in (CONFIG_DIR / f"{CONFIG_NAME}.yaml", CONFIG_DIR / "profile" / "cpu.yaml"):
+        env_vars = OmegaConf.select(OmegaConf.load(path), "ray_kwargs.ray_init.runtime_env.env_vars") or {}
+        # Key by key: the section's other values interpolate keys of the whole config.
+        env.update({key: str(env_vars[key]) for key in _PLATFORM_ENV if key in env_vars})
+    return env
+
+
 def _keep_previous_metrics(cfg: DictConfig) -> None:
+    """``keep_previous_log`` for the run's ``VERL_FILE_LOGGER_PATH``."""
+    env_vars = OmegaConf.select(cfg, "ray_kwargs.ray_init.runtime_env.env_vars") or {}
+    keep_previous_log(Path(str(env_vars.get("VERL_FILE_LOGGER_PATH") or os.environ.get("VERL_FILE_LOGGER_PATH") or "")))
+
+
+def keep_previous_log(path: Path) -> None:
     """verl's ``file`` logger truncates its file: a resumed run moves the earlier one aside first.
 
-    ``metrics.jsonl`` becomes ``metrics.1.jsonl`` (then ``.2``...); ``recipe.metrics --trainer-log``
+    ``metrics.jsonl`` becomes ``metrics.1.jsonl`` (then ``.2``...); ``recipe.metrics.read_trainer_log``
     reads them all, newest last.
     """
-    env_vars = OmegaConf.select(cfg, "ray_kwargs.ray_init.runtime_env.env_vars") or {}
-    path = Path(str(env_vars.get("VERL_FILE_LOGGER_PATH") or os.environ.get("VERL_FILE_LOGGER_PATH") or ""))
     if not path.name or not path.is_file():
         return
     n = 1

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from model_proxy.tool_format import TEXT_ACTION_FENCE
+from recipe.metrics import read_trainer_log
 from recipe.trajectory import TrajectoryRecord, load_records
 
 STAGES = (("base", "base model"), ("sft", "after SFT warm start"), ("grpo", "after GRPO"))
@@ -97,12 +98,6 @@ def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _steps(rows: list[dict]) -> list[tuple[int, dict]]:
-    """verl file-logger rows ``{"step": N, "data": {...}}`` -> (step, metrics), last row per step."""
-    by_step = {int(row["step"]): row.get("data", {}) for row in rows if "step" in row}
-    return sorted(by_step.items())
 
 
 def advantage_steps(grpo_dir: Path) -> list[dict]:
@@ -216,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
               if (out / f"eval_{name}" / "rollouts").is_dir()]
     if not stages:
         raise SystemExit(f"no evaluation under {out}/eval_*")
-    sft = _steps(read_jsonl(out / "sft_metrics.jsonl"))
-    rl = _steps(read_jsonl(out / "grpo" / "metrics.jsonl"))
+    sft = sorted(read_trainer_log(out / "sft_metrics.jsonl").items())
+    rl = sorted(read_trainer_log(out / "grpo" / "metrics.jsonl").items())
     advantages = advantage_steps(out / "grpo")
     report.mkdir(parents=True, exist_ok=True)
     (report / "learning_cpu.md").write_text(markdown(stages, sft, rl, args.notes, advantages))

@@ -24,14 +24,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 CPU_OVERRIDES = ROOT / "configs" / "sft_cpu.yaml"
 
-# What verl's cpu platform needs in this process before verl is imported (configs/profile/cpu.yaml
-# sets the same in the RL trainer's Ray workers).
-PLATFORM_ENV = {
-    "VERL_USE_EXTERNAL_MODULES": "recipe.verl_plugin.plugin",
-    "VERL_PLATFORM": "cpu",
-    "VERL_ENGINE_DEVICE": "cuda",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 
 
 def _free_port() -> int:
@@ -62,24 +54,33 @@ def compose(overrides: list[str]):
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
 
 
-def final_hf_model(ckpt_dir: str | Path) -> Path:
-    """The Hugging Face model of the latest checkpoint under ``ckpt_dir``.
+def final_hf_model(ckpt_dir: str | Path, *, component: str = "", min_step: int = 0) -> Path:
+    """The Hugging Face model of the latest verl checkpoint under ``ckpt_dir``:
+    ``global_step_N/<component>/huggingface`` (``component="actor"`` for the PPO trainer's), N >= ``min_step``.
 
     Raises:
-        FileNotFoundError: no ``global_step_*/huggingface`` with weights there.
+        FileNotFoundError: no such directory with weights there.
     """
     steps = sorted(Path(ckpt_dir).glob("global_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))
     for step in reversed(steps):
-        hf = step / "huggingface"
-        if any(hf.glob("*.safetensors")) or (hf / "pytorch_model.bin").is_file():
+        hf = step / component / "huggingface"
+        if int(step.name.rsplit("_", 1)[1]) >= min_step and (
+                any(hf.glob("*.safetensors")) or (hf / "pytorch_model.bin").is_file()):
             return hf
-    raise FileNotFoundError(f"no global_step_*/huggingface model with weights under {ckpt_dir}")
+    raise FileNotFoundError(f"no global_step_*/{component + '/' if component else ''}huggingface model "
+                            f"with weights (step >= {min_step}) under {ckpt_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
     overrides = sys.argv[1:] if argv is None else argv
-    for key, value in PLATFORM_ENV.items():
+    from recipe.train import cpu_platform_env, keep_previous_log
+
+    # What verl's cpu platform needs in this process before verl is imported: the RL trainer's values.
+    for key, value in cpu_platform_env().items():
         os.environ.setdefault(key, value)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ.get("VERL_FILE_LOGGER_PATH"):
+        keep_previous_log(Path(os.environ["VERL_FILE_LOGGER_PATH"]))
     # A one-process world, as torchrun would describe it.
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
