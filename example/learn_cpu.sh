@@ -41,7 +41,8 @@ fi
 abs() { case "$1" in /*) echo "$1" ;; *) echo "$ROOT/$1" ;; esac; }
 OUT=$(abs "$OUT"); REPORT=$(abs "$REPORT"); SIMPLE=$(abs "$SIMPLE"); SMITH=$(abs "$SMITH")
 mkdir -p "$OUT"
-stage() { echo; echo "== [$(date +%H:%M:%S)] $1 =="; }
+# Each stage's start goes to stages.tsv (epoch seconds, name): the report times every stage of every run.
+stage() { echo; echo "== [$(date +%H:%M:%S)] $1 =="; printf '%s\t%s\n' "$(date +%s)" "$1" >> "$OUT/stages.tsv"; }
 echo "learn_cpu.sh ($SCALE): $ESTIMATE on 2 cores from scratch (measured per stage: docs/learning_cpu.md); outputs in $OUT"
 
 stage "1/8 data (simple tasks; smith sample of inflection, six: $SMITH_PER_PACKAGE per package)"
