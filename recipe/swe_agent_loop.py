@@ -37,6 +37,7 @@ from verl.experimental.agent_loop.agent_loop import (
 
 from model_proxy.backends.base import GenerationBackend
 from model_proxy.backends.scripted import (
+    EXPERT_SUBMIT_THOUGHT,
     GenerationLatency,
     ScriptedPolicyBackend,
     expert_steps,
@@ -482,7 +483,8 @@ class SWEAgentLoop(AgentLoopBase):
             if policy == scripted_policy:
                 return ScriptedPolicyBackend(self.tokenizer, commands(task),
                                              mode="tool_call" if sweagent else self.swe_config.agent.mode,
-                                             latency=latency, submit_tool="submit" if sweagent else None)
+                                             latency=latency, submit_tool="submit" if sweagent else None,
+                                             submit_thought=EXPERT_SUBMIT_THOUGHT if policy == Policy.EXPERT else None)
         if self.backend is not None:
             return self.backend
         if self.server_manager is None:

@@ -231,6 +231,10 @@ def edit_command(path: str, old: str, new: str) -> str:
     )
 
 
+EXPERT_SUBMIT_THOUGHT = "The fix is in place and the tests pass, so I submit it."
+"""The expert policy's last thought (text mode), written before it submits."""
+
+
 def expert_steps(task: _TaskLike, *, output_lines: int = 30, context_lines: int = 12) -> list[ScriptStep]:
     """A readable expert trajectory for supervised warm starts (SWE-Gym/SWE-smith style), every
     command something a model could write from what it has seen so far:
@@ -286,6 +290,8 @@ class ScriptedPolicyBackend:
             (SWE-agent: ``submit``); None = mini-swe-agent's submit command through ``bash``.
         latency_key: seeds each turn's latency jitter instead of the request id, so runs with
             new rollout ids get the same emulated timings (benchmarks comparing policies).
+        submit_thought: the thought written before the submit action in text mode; None = a
+            neutral default (``EXPERT_SUBMIT_THOUGHT`` is the expert policy's).
 
     Raises:
         ValueError: unknown ``mode``, a tokenizer without eos, or a submit tool in text mode.
@@ -299,6 +305,7 @@ class ScriptedPolicyBackend:
         latency: GenerationLatency | None = None,
         submit_tool: str | None = None,
         latency_key: str | None = None,
+        submit_thought: str | None = None,
     ) -> None:
         if mode not in ("tool_call", "text"):
             raise ValueError(f"mode must be 'tool_call' or 'text', got {mode!r}")
@@ -313,6 +320,7 @@ class ScriptedPolicyBackend:
         self.latency = latency or GenerationLatency()
         self.submit_tool = submit_tool
         self.latency_key = latency_key
+        self.submit_thought = submit_thought or "The scripted commands are done; submit."
         self._turns: dict[str, int] = defaultdict(int)
 
     def command_for_turn(self, turn: int) -> str:
@@ -330,10 +338,8 @@ class ScriptedPolicyBackend:
             thought = self.steps[turn].thought
         elif turn < len(self.commands):
             thought = f"Scripted step {turn + 1} of {len(self.commands)}: run the next command."
-        elif any(step.thought for step in self.steps):
-            thought = "The fix is in place and the tests pass, so I submit it."
         else:
-            thought = "The scripted commands are done; submit."
+            thought = self.submit_thought
         return text_action(command, thought)
 
     async def generate(
