@@ -5,9 +5,10 @@
 Reads ``<out>/eval_{base,sft,grpo}`` (``recipe.rollout`` outputs: one ``TrajectoryRecord`` per
 rollout), ``<out>/sft_metrics.jsonl`` (verl's SFT file logger) and ``<out>/grpo/metrics.jsonl``
 (verl's PPO file logger) with ``<out>/grpo/trajectories/advantages`` (what each trajectory
-trained with), and writes ``<report-dir>/learning_cpu.{md,json,png}``: per stage the
+trained with) and ``<out>/stages.tsv`` (when each stage of each run of the script started), and writes ``<report-dir>/learning_cpu.{md,json,png}``: per stage the
 number of tasks and rollouts, resolved rate, parsed-action rate, format errors, exit statuses and
-mean turns; the SFT loss per step; the RL rewards, advantages and masks per step.
+mean turns; the SFT loss per step; the RL rewards, advantages and masks per step; the
+wall-clock time of every stage.
 
 Parsed action: an assistant turn holding exactly one action block of mini-swe-agent's text mode
 (``LitellmTextbasedModelConfig.action_regex``, ``model_proxy.tool_format.TEXT_ACTION_FENCE``); every
@@ -21,6 +22,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from model_proxy.tool_format import TEXT_ACTION_FENCE
@@ -28,6 +30,8 @@ from recipe.metrics import read_trainer_log
 from recipe.trajectory import TrajectoryRecord, load_records
 
 STAGES = (("base", "base model"), ("sft", "after SFT warm start"), ("grpo", "after GRPO"))
+# The stages of example/learn_cpu.sh, in order: stages.tsv names each start "k/8 <name> ...".
+SCRIPT_STAGES = ("data", "base eval", "expert", "SFT", "SFT eval", "GRPO", "GRPO eval", "report")
 ACTION = re.compile(rf"```{TEXT_ACTION_FENCE}\s*\n(.*?)\n```", re.DOTALL)
 # The RL trainer's per-step figures shown (verl's metric names, recipe's swe/* ones).
 RL_KEYS = (
@@ -60,6 +64,14 @@ def parsed_actions(record: TrajectoryRecord) -> tuple[int, int]:
     return len(turns), sum(1 for t in turns if len(ACTION.findall(t)) == 1)
 
 
+def exit_label(record: TrajectoryRecord) -> str:
+    """The rollout's exit status; an agent error also names the agent's own status
+    (``agent_error (RepeatedFormatError)``: mini-swe-agent stopped after repeated format errors),
+    the other statuses say all the agent's does (``recipe.outcome``)."""
+    reason = record.agent_exit_status
+    return f"{record.exit_status} ({reason})" if record.exit_status == "agent_error" and reason else record.exit_status
+
+
 def figures(stage: str, records: list[TrajectoryRecord]) -> StageFigures:
     """Figures of one stage's rollouts.
 
@@ -88,7 +100,7 @@ def figures(stage: str, records: list[TrajectoryRecord]) -> StageFigures:
         parsed_action_rate=parsed / turns if turns else 0.0,
         assistant_turns=turns,
         format_errors=turns - parsed,
-        exit_status=dict(Counter(r.exit_status for r in records).most_common()),
+        exit_status=dict(Counter(exit_label(r) for r in records).most_common()),
         mean_turns=turns / len(records),
         by_source=by_source,
     )
@@ -122,8 +134,49 @@ def advantage_steps(grpo_dir: Path) -> list[dict]:
     return out
 
 
+def stage_times(path: Path) -> list[dict]:
+    """Wall-clock seconds per stage of each run of ``example/learn_cpu.sh``, from its
+    ``stages.tsv`` (one ``<epoch seconds>\t<k/8 stage title>`` line per stage start).
+
+    A line whose title starts with ``1/`` begins a new run (the script was started again, e.g. to
+    resume). A stage lasts until the next stage of the same run starts; the last one has no end.
+
+    Returns:
+        per run: ``{"started": epoch s, "stages": {name: seconds or None}, "total_s": first to last start}``;
+        [] when the file is missing.
+
+    Raises:
+        ValueError: a line that is not ``<integer>\t<k/8 title>``, named by ``path:line``.
+    """
+    if not path.is_file():
+        return []
+    runs: list[list[tuple[int, str]]] = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        when, _, title = line.partition("\t")
+        match = re.match(r"(\d+)/\d+\s", title)
+        if not when.strip().isdigit() or not match or not 1 <= int(match.group(1)) <= len(SCRIPT_STAGES):
+            raise ValueError(f"{path}:{number}: expected '<epoch seconds>\\t<k/8 stage>', got {line!r}")
+        if match.group(1) == "1" or not runs:
+            runs.append([])
+        runs[-1].append((int(when), SCRIPT_STAGES[int(match.group(1)) - 1]))
+    out = []
+    for run in runs:
+        stages = {name: (run[i + 1][0] - when if i + 1 < len(run) else None) for i, (when, name) in enumerate(run)}
+        out.append({"started": run[0][0], "stages": stages, "total_s": run[-1][0] - run[0][0]})
+    return out
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
 def markdown(stages: list[StageFigures], sft: list[tuple[int, dict]], rl: list[tuple[int, dict]], notes: str,
-             advantages: list[dict] | None = None) -> str:
+             advantages: list[dict] | None = None, runs: list[dict] | None = None) -> str:
     lines = ["# Learning on CPU: SmolLM2-135M-Instruct, before and after training", "",
              "Written by `python -m recipe.learn.report` from `bash example/learn_cpu.sh`; measured, not edited.", ""]
     if notes:
@@ -159,6 +212,16 @@ def markdown(stages: list[StageFigures], sft: list[tuple[int, dict]], rl: list[t
             exits = ", ".join(f"{k} {v}" for k, v in a["exit_status"].items())
             lines.append(f"| {a['step']} | {a['trajectories']} | {a['groups']} | {a['trained']} | {a['masked']} | "
                          f"{a['mean_reward']:.3f} | {a['nonzero_advantage']} | {exits} |")
+    if runs:
+        lines += ["", "Wall-clock time per stage, per run of the script (`stages.tsv`; the report stage has no end "
+                  "mark, the total runs from the first stage's start to the report's):", "",
+                  "| run started (UTC) | " + " | ".join(SCRIPT_STAGES[:-1]) + " | total |",
+                  "|---|" + "---|" * len(SCRIPT_STAGES)]
+        for run in runs:
+            started = datetime.fromtimestamp(run["started"], timezone.utc).strftime("%Y-%m-%d %H:%M")
+            lines.append(f"| {started} | " + " | ".join(
+                _duration(run["stages"][n]) if n in run["stages"] else "skipped" for n in SCRIPT_STAGES[:-1])
+                + f" | {_duration(run['total_s'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -214,10 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     sft = sorted(read_trainer_log(out / "sft_metrics.jsonl").items())
     rl = sorted(read_trainer_log(out / "grpo" / "metrics.jsonl").items())
     advantages = advantage_steps(out / "grpo")
+    runs = stage_times(out / "stages.tsv")
     report.mkdir(parents=True, exist_ok=True)
-    (report / "learning_cpu.md").write_text(markdown(stages, sft, rl, args.notes, advantages))
+    (report / "learning_cpu.md").write_text(markdown(stages, sft, rl, args.notes, advantages, runs))
     (report / "learning_cpu.json").write_text(json.dumps(
-        {"stages": [asdict(s) for s in stages], "sft": sft, "grpo": rl, "grpo_trajectories": advantages}, indent=2, default=str))
+        {"stages": [asdict(s) for s in stages], "sft": sft, "grpo": rl, "grpo_trajectories": advantages,
+         "script_runs": runs}, indent=2, default=str))
     plot(stages, sft, rl, report / "learning_cpu.png", advantages)
     print((report / "learning_cpu.md").read_text())
     return 0

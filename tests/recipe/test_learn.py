@@ -20,7 +20,7 @@ import pytest
 from core.task import load_tasks
 from model_proxy.backends.scripted import expert_steps
 from recipe.learn import expert as expert_cli
-from recipe.learn.report import figures, parsed_actions
+from recipe.learn.report import figures, parsed_actions, stage_times
 from recipe.learn.sft import final_hf_model
 from recipe.trajectory import load_records
 
@@ -142,9 +142,24 @@ def test_report_counts_format_errors_per_assistant_turn(expert_out):
         {"role": "assistant", "content": "```bash\nls\n```"},  # the untrained model's habit
         {"role": "user", "content": "format error"},
         {"role": "assistant", "content": "THOUGHT: x\n\n```mswea_bash_command\nls\n```"},
-    ], "resolved": False})
+    ], "resolved": False, "exit_status": "agent_error", "agent_exit_status": "RepeatedFormatError"})
     fig = figures("base", [broken])
     assert (fig.assistant_turns, fig.format_errors, fig.parsed_action_rate, fig.resolved_rate) == (2, 1, 0.5, 0.0)
+    # Why the agent stopped is kept next to the exit status: here, mini-swe-agent gave up on the format.
+    assert fig.exit_status == {"agent_error (RepeatedFormatError)": 1}
+
+
+def test_stage_times_split_the_log_into_runs_and_time_each_stage(tmp_path):
+    log = tmp_path / "stages.tsv"
+    log.write_text("100\t1/8 data (simple)\n160\t2/8 eval: the base model\n400\t3/8 expert\n"
+                   "1000\t1/8 data (simple)\n1001\t2/8 eval: the base model\n")
+    first, second = stage_times(log)
+    assert first == {"started": 100, "stages": {"data": 60, "base eval": 240, "expert": None}, "total_s": 300}
+    assert second["stages"] == {"data": 1, "base eval": None}
+    log.write_text("100\t1/8 data\nnot a stage line\n")
+    with pytest.raises(ValueError, match=r"stages.tsv:2"):
+        stage_times(log)
+    assert stage_times(tmp_path / "missing.tsv") == []
 
 
 @pytest.mark.slow
@@ -163,8 +178,11 @@ def test_learn_script_reduced_configuration_runs_every_stage(simple_tasks_dir, t
     report = json.loads((out / "report" / "learning_cpu.json").read_text())
     assert [s["stage"] for s in report["stages"]] == ["base model", "after SFT warm start", "after GRPO"]
     assert (out / "report" / "learning_cpu.png").stat().st_size > 0
+    assert [list(run["stages"]) for run in report["script_runs"]] == [
+        ["data", "base eval", "expert", "SFT", "SFT eval", "GRPO", "GRPO eval", "report"]]
     # Resumable: a second run finds every stage's output and redoes nothing.
     again = subprocess.run(["bash", "example/learn_cpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "rollouts (" not in again.stderr and "Epoch 1/" not in again.stderr
+    assert len(stage_times(out / "stages.tsv")) == 2  # both runs are timed
