@@ -90,6 +90,8 @@ stage "5/8 eval: after the warm start"
 evaluate sft "$SFT_MODEL"
 
 stage "6/8 GRPO from the warm start, $GRPO_STEPS steps"
+# Gradient checkpointing: a 135M model's fp32 activations on a ~3k-token trajectory are ~6 GB, and with
+# the rollout server's copy the second step's update ran the 24 GB machine out of memory (Ray OOM kill).
 grpo_model() { $PY -c "from recipe.learn.sft import final_hf_model as f; print(f('$OUT/grpo', component='actor', min_step=$GRPO_STEPS))"; }
 if ! RL_MODEL=$(grpo_model 2>/dev/null); then
   MODEL="$SFT_MODEL" DATA="$SIMPLE" OUT="$OUT/grpo" bash example/run_cpu.sh \
@@ -99,7 +101,7 @@ if ! RL_MODEL=$(grpo_model 2>/dev/null); then
       swe_agent.agent.step_limit=$STEP_LIMIT swe_agent.proxy.max_turn_tokens=$TURN_TOKENS \
       trainer.total_training_steps="$GRPO_STEPS" trainer.save_freq=1 trainer.max_actor_ckpt_to_keep=2 trainer.test_freq=-1 \
       trainer.val_before_train=false actor_rollout_ref.rollout.n="$GRPO_N" data.max_response_length="$RESPONSE_LEN" \
-      actor_rollout_ref.actor.optim.lr=1e-5 \
+      actor_rollout_ref.actor.optim.lr=1e-5 actor_rollout_ref.model.enable_gradient_checkpointing=true \
       'actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]'
   RL_MODEL=$(grpo_model)
 fi
