@@ -139,32 +139,47 @@ def stage_times(path: Path) -> list[dict]:
     ``stages.tsv`` (one ``<epoch seconds>\t<k/8 stage title>`` line per stage start).
 
     A line whose title starts with ``1/`` begins a new run (the script was started again, e.g. to
-    resume). A stage lasts until the next stage of the same run starts; the last one has no end.
+    resume). A stage lasts until the next stage of the same run starts, or until the run's
+    ``<epoch seconds>\texit <status>`` line (the script's EXIT trap), so the stage a crashed run died
+    in is timed too; without an exit line the last stage has no end. A stage with no line was not
+    reached (a stage skipped on resume still has its line, lasting about 0 s).
 
     Returns:
-        per run: ``{"started": epoch s, "stages": {name: seconds or None}, "total_s": first to last start}``;
-        [] when the file is missing.
+        per run: ``{"started": epoch s, "stages": {name: seconds or None}, "total_s": first start to
+        exit (or to the last start), "exit": the script's exit status or None}``; [] when the file is missing.
 
     Raises:
-        ValueError: a line that is not ``<integer>\t<k/8 title>``, named by ``path:line``.
+        ValueError: a line that is not ``<integer>\t<k/8 title>`` or ``<integer>\texit <integer>``,
+        named by ``path:line``.
     """
     if not path.is_file():
         return []
     runs: list[list[tuple[int, str]]] = []
+    exits: list[tuple[int, int] | None] = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         when, _, title = line.partition("\t")
         match = re.match(r"(\d+)/\d+\s", title)
-        if not when.strip().isdigit() or not match or not 1 <= int(match.group(1)) <= len(SCRIPT_STAGES):
-            raise ValueError(f"{path}:{number}: expected '<epoch seconds>\\t<k/8 stage>', got {line!r}")
-        if match.group(1) == "1" or not runs:
+        ended = re.fullmatch(r"exit (\d+)", title.strip())
+        if not when.strip().isdigit() or not (ended or match and 1 <= int(match.group(1)) <= len(SCRIPT_STAGES)):
+            raise ValueError(f"{path}:{number}: expected '<epoch seconds>\\t<k/8 stage>' or "
+                             f"'<epoch seconds>\\texit <status>', got {line!r}")
+        if ended:
+            if runs and exits[-1] is None:
+                exits[-1] = (int(when), int(ended.group(1)))
+            continue
+        if match.group(1) == "1" or not runs or exits[-1] is not None:
             runs.append([])
+            exits.append(None)
         runs[-1].append((int(when), SCRIPT_STAGES[int(match.group(1)) - 1]))
     out = []
-    for run in runs:
-        stages = {name: (run[i + 1][0] - when if i + 1 < len(run) else None) for i, (when, name) in enumerate(run)}
-        out.append({"started": run[0][0], "stages": stages, "total_s": run[-1][0] - run[0][0]})
+    for run, ended in zip(runs, exits):
+        ends = [when for when, _ in run[1:]] + [ended[0] if ended else None]
+        stages = {name: (end - when if end is not None else None) for (when, name), end in zip(run, ends)}
+        last = ended[0] if ended else run[-1][0]
+        out.append({"started": run[0][0], "stages": stages, "total_s": last - run[0][0],
+                    "exit": ended[1] if ended else None})
     return out
 
 
@@ -213,15 +228,17 @@ def markdown(stages: list[StageFigures], sft: list[tuple[int, dict]], rl: list[t
             lines.append(f"| {a['step']} | {a['trajectories']} | {a['groups']} | {a['trained']} | {a['masked']} | "
                          f"{a['mean_reward']:.3f} | {a['nonzero_advantage']} | {exits} |")
     if runs:
-        lines += ["", "Wall-clock time per stage, per run of the script (`stages.tsv`; the report stage has no end "
-                  "mark, the total runs from the first stage's start to the report's):", "",
-                  "| run started (UTC) | " + " | ".join(SCRIPT_STAGES[:-1]) + " | total |",
-                  "|---|" + "---|" * len(SCRIPT_STAGES)]
+        lines += ["", "Wall-clock time per stage, per run of the script (`stages.tsv`: a stage lasts until the "
+                  "next one starts or the script exits; a run without an exit mark is timed up to its last "
+                  "stage's start; a resumed run passes the stages it finds done in ~0 s):", "",
+                  "| run started (UTC) | " + " | ".join(SCRIPT_STAGES[:-1]) + " | total | exit status |",
+                  "|---|" + "---|" * (len(SCRIPT_STAGES) + 1)]
         for run in runs:
             started = datetime.fromtimestamp(run["started"], timezone.utc).strftime("%Y-%m-%d %H:%M")
+            status = "not recorded" if run.get("exit") is None else str(run["exit"])
             lines.append(f"| {started} | " + " | ".join(
-                _duration(run["stages"][n]) if n in run["stages"] else "skipped" for n in SCRIPT_STAGES[:-1])
-                + f" | {_duration(run['total_s'])} |")
+                _duration(run["stages"][n]) if n in run["stages"] else "not reached" for n in SCRIPT_STAGES[:-1])
+                + f" | {_duration(run['total_s'])} | {status} |")
     return "\n".join(lines) + "\n"
 
 

@@ -154,8 +154,15 @@ def test_stage_times_split_the_log_into_runs_and_time_each_stage(tmp_path):
     log.write_text("100\t1/8 data (simple)\n160\t2/8 eval: the base model\n400\t3/8 expert\n"
                    "1000\t1/8 data (simple)\n1001\t2/8 eval: the base model\n")
     first, second = stage_times(log)
-    assert first == {"started": 100, "stages": {"data": 60, "base eval": 240, "expert": None}, "total_s": 300}
+    assert first == {"started": 100, "stages": {"data": 60, "base eval": 240, "expert": None}, "total_s": 300,
+                     "exit": None}
     assert second["stages"] == {"data": 1, "base eval": None}
+    # The EXIT trap's line ends a run: the stage it died in is timed, and a later start is a new run.
+    log.write_text("100\t1/8 data\n160\t6/8 GRPO from the warm start\n1660\texit 1\n"
+                   "2000\t1/8 data\n2001\t8/8 report\n2031\texit 0\n")
+    crashed, resumed = stage_times(log)
+    assert crashed == {"started": 100, "stages": {"data": 60, "GRPO": 1500}, "total_s": 1560, "exit": 1}
+    assert resumed == {"started": 2000, "stages": {"data": 1, "report": 30}, "total_s": 31, "exit": 0}
     log.write_text("100\t1/8 data\nnot a stage line\n")
     with pytest.raises(ValueError, match=r"stages.tsv:2"):
         stage_times(log)
