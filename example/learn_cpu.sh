@@ -44,7 +44,7 @@ mkdir -p "$OUT"
 # Each stage's start goes to stages.tsv (epoch seconds, name): the report times every stage of every run.
 stage() { echo; echo "== [$(date +%H:%M:%S)] $1 =="; printf '%s\t%s\n' "$(date +%s)" "$1" >> "$OUT/stages.tsv"; }
 # ... and its exit (status), so the report also times the stage a failed run died in.
-trap 'printf "%s\texit %s\n" "$(date +%s)" "$?" >> "$OUT/stages.tsv"' EXIT
+trap 'rc=$?; printf "%s\texit %s\n" "$(date +%s)" "$rc" >> "$OUT/stages.tsv"' EXIT
 echo "learn_cpu.sh ($SCALE): $ESTIMATE on 2 cores from scratch (measured per stage: docs/learning_cpu.md); outputs in $OUT"
 
 stage "1/8 data (simple tasks; smith sample of inflection, six: $SMITH_PER_PACKAGE per package)"
