@@ -12,7 +12,7 @@
 #   7. eval:   the RL model                                                   -> $OUT/eval_grpo
 #   8. report: table, plot and per-step RL figures                            -> docs/learning_cpu.*
 # Every stage is skipped when its output exists: run it again with the same OUT to resume.
-#   bash example/learn_cpu.sh                       # ~2.5 h on 2 cores (each stage's start time printed)
+#   bash example/learn_cpu.sh                       # ~1.3 h on 2 idle cores (each stage's start time printed)
 #   LEARN_SCALE=ci bash example/learn_cpu.sh        # the reduced CI configuration: tiny model, few tasks
 #   GRPO_STEPS=8 SFT_EPOCHS=4 EVAL_N=2 bash example/learn_cpu.sh
 set -euo pipefail
@@ -36,7 +36,7 @@ else
   MODEL=${MODEL:-smollm2}; EVAL_LIMIT=${EVAL_LIMIT:-null}; EXPERT_LIMIT=${EXPERT_LIMIT:-null}
   SFT_EPOCHS=${SFT_EPOCHS:-3}; GRPO_STEPS=${GRPO_STEPS:-3}; EVAL_N=${EVAL_N:-1}
   STEP_LIMIT=${STEP_LIMIT:-10}; TURN_TOKENS=${TURN_TOKENS:-384}; SMITH_PER_PACKAGE=${SMITH_PER_PACKAGE:-4}
-  GRPO_N=${GRPO_N:-4}; RESPONSE_LEN=${RESPONSE_LEN:-6144}; ESTIMATE="~2.5 h (stage times measured under load: SFT 34 min, an eval 4-15 min, a GRPO step ~25 min)"
+  GRPO_N=${GRPO_N:-4}; RESPONSE_LEN=${RESPONSE_LEN:-6144}; ESTIMATE="~1.3 h on an idle machine (measured: SFT 16 min, an eval 3-8 min, a GRPO step ~11 min)"
 fi
 abs() { case "$1" in /*) echo "$1" ;; *) echo "$ROOT/$1" ;; esac; }
 OUT=$(abs "$OUT"); REPORT=$(abs "$REPORT"); SIMPLE=$(abs "$SIMPLE"); SMITH=$(abs "$SMITH")
