@@ -154,8 +154,7 @@ def stage_times(path: Path) -> list[dict]:
     """
     if not path.is_file():
         return []
-    runs: list[list[tuple[int, str]]] = []
-    exits: list[tuple[int, int] | None] = []
+    runs: list[dict] = []  # {"marks": [(epoch s, stage name)], "exit": (epoch s, status) or None}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -166,19 +165,19 @@ def stage_times(path: Path) -> list[dict]:
             raise ValueError(f"{path}:{number}: expected '<epoch seconds>\\t<k/8 stage>' or "
                              f"'<epoch seconds>\\texit <status>', got {line!r}")
         if ended:
-            if runs and exits[-1] is None:
-                exits[-1] = (int(when), int(ended.group(1)))
-            continue
-        if match.group(1) == "1" or not runs or exits[-1] is not None:
-            runs.append([])
-            exits.append(None)
-        runs[-1].append((int(when), SCRIPT_STAGES[int(match.group(1)) - 1]))
+            if runs and runs[-1]["exit"] is None:
+                runs[-1]["exit"] = (int(when), int(ended.group(1)))
+        else:
+            if match.group(1) == "1" or not runs or runs[-1]["exit"] is not None:
+                runs.append({"marks": [], "exit": None})
+            runs[-1]["marks"].append((int(when), SCRIPT_STAGES[int(match.group(1)) - 1]))
     out = []
-    for run, ended in zip(runs, exits):
-        ends = [when for when, _ in run[1:]] + [ended[0] if ended else None]
-        stages = {name: (end - when if end is not None else None) for (when, name), end in zip(run, ends)}
-        last = ended[0] if ended else run[-1][0]
-        out.append({"started": run[0][0], "stages": stages, "total_s": last - run[0][0],
+    for run in runs:
+        marks, ended = run["marks"], run["exit"]
+        ends = [when for when, _ in marks[1:]] + [ended[0] if ended else None]
+        stages = {name: (end - when if end is not None else None) for (when, name), end in zip(marks, ends)}
+        out.append({"started": marks[0][0], "stages": stages,
+                    "total_s": (ended[0] if ended else marks[-1][0]) - marks[0][0],
                     "exit": ended[1] if ended else None})
     return out
 
